@@ -1,0 +1,4 @@
+"""``python -m jsarag`` = the ``jsarag`` command."""
+from jsarag.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""Small tensor helpers shared by estimators: per-pair values into (B, C) matrices, and back."""
+from __future__ import annotations
+
+import torch
+
+from jsarag.types import Candidates, ScoreRequest
+
+
+def scatter_scores(values: torch.Tensor, request: ScoreRequest, candidates: Candidates) -> torch.Tensor:
+    """(B, C) matrix of per-pair values (N,), -inf where a slot was not scored."""
+    out = torch.full(candidates.rows.shape, float("-inf"), device=values.device, dtype=values.dtype)
+    return out.index_put((request.example.to(values.device), request.slot.to(values.device)), values)
+
+
+def request_for(mask: torch.Tensor, grad: bool) -> ScoreRequest:
+    """A request for every (example, slot) where ``mask`` (B, C) is true."""
+    example, slot = mask.nonzero(as_tuple=True)
+    return ScoreRequest(example=example.cpu(), slot=slot.cpu(), grad=grad)
+
+
+def masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, C) log-softmax over the slots where ``keep`` is true, -inf elsewhere."""
+    return torch.log_softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B,) Σ_c w_c v_c, where zero weights silence -inf values."""
+    return torch.where(weights > 0, weights * values, torch.zeros_like(values)).sum(-1)

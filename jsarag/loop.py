@@ -1,0 +1,196 @@
+"""The training loop. One micro-step runs the four hook points:
+
+    candidates = retrieve(batch)              # retriever: candidate passages with prior/posterior logits
+    request    = sample(batch, candidates)    # estimator: which (example, passage) pairs to score
+    scores     = score(batch, candidates, request)   # generator: log p(y|x,h), batched
+    result     = update(batch, candidates, request, scores, rescore)  # estimator: the loss
+    engine.backward(result.loss); engine.step()
+
+plus evaluation every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps, and ``resume``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from jsarag import checkpoint
+from jsarag.engine import all_ranks_finite
+from jsarag.errors import TrainingError
+from jsarag.evaluate import evaluate
+from jsarag.run import Run
+from jsarag.types import Batch, ScoreRequest, StepResult
+
+log = logging.getLogger("jsarag.loop")
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    cursor: int = 0  # micro-batches of this epoch consumed (all ranks together)
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluations so far
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Train until ``train.max_steps`` (or ``train.stop_at``); return the content of metrics.json."""
+    cfg = run.recipe.train
+    state = _resume(run)
+    run.engine.train()
+    run.call("on_train_start", config=run.recipe, start_step=state.step, max_steps=cfg.max_steps)
+    if state.step == 0 and run.recipe.eval.at_start:
+        _evaluate(run, state)
+    stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+    while state.step < stop:
+        loss, stats = _optimizer_step(run, state)
+        state.step += 1
+        run.call("on_step_end", step=state.step, loss=loss, stats=stats)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+            _evaluate(run, state)
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop:
+            _checkpoint(run, state)
+    if state.step >= cfg.max_steps and (not state.history or state.history[-1]["step"] != state.step):
+        _evaluate(run, state)
+    if not _checkpointed(run, state.step):
+        _checkpoint(run, state)
+    metrics = write_metrics(run, state)
+    run.call("on_train_end", step=state.step, metrics=metrics)
+    return metrics
+
+
+def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]]:
+    """Run ``grad_accum`` micro-steps (one optimizer step); return the mean loss and stats over ranks."""
+    losses, stats = [], []
+    while len(losses) < run.recipe.train.grad_accum:
+        batch = _next_batch(run, state)
+        result: StepResult = run.engine(lambda: _micro_step(run, batch))
+        if not all_ranks_finite(result.loss):
+            _count_nonfinite(run, state)
+            continue
+        state.nonfinite_in_row = 0
+        run.engine.backward(result.loss)
+        run.engine.step()
+        losses.append(float(result.loss.detach()))
+        stats.append(result.stats)
+    return _reduce_mean(losses, stats)
+
+
+def _micro_step(run: Run, batch: Batch) -> StepResult:
+    """The four hook points for one micro-batch."""
+    extra = run.call("extra_candidates", batch=batch)  # one list per implementing plugin
+    batch.extra_rows = [sorted({r for rows in per_example for r in rows}) for per_example in zip(*extra)] if extra else []
+    candidates = run.call("retrieve", batch=batch, train=True)
+    request = run.call("sample", batch=batch, candidates=candidates)
+    scores = run.call("score", batch=batch, candidates=candidates, request=request)
+
+    def rescore(again: ScoreRequest):
+        return run.call("score", batch=batch, candidates=candidates, request=again)
+
+    return run.call("update", batch=batch, candidates=candidates, request=request, scores=scores, rescore=rescore)
+
+
+def _count_nonfinite(run: Run, state: LoopState) -> None:
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)", state.step + 1, state.nonfinite_in_row)
+    if state.nonfinite_in_row >= run.recipe.train.max_nonfinite:
+        raise TrainingError(
+            f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1}; stopping. The last good "
+            f"checkpoint is in {run.recipe.output_dir / 'checkpoints'} (lower the learning rate, check the data)"
+        )
+
+
+def _next_batch(run: Run, state: LoopState) -> Batch:
+    """This rank's share of the next global micro-batch; a fresh seeded permutation each epoch."""
+    per_rank, world, rank = run.recipe.train.batch_size, run.ctx.world_size, run.ctx.rank
+    n = len(run.train_set)
+    per_epoch = n // (per_rank * world)
+    if per_epoch == 0:
+        raise TrainingError(f"{run.train_set.path}: {n} examples cannot fill one batch of {per_rank} x {world} ranks")
+    if state.cursor >= per_epoch:
+        state.epoch, state.cursor = state.epoch + 1, 0
+    order = np.random.default_rng([run.recipe.train.seed, state.epoch]).permutation(n)
+    start = (state.cursor * world + rank) * per_rank
+    positions = [int(p) for p in order[start : start + per_rank]]
+    state.cursor += 1
+    return Batch(examples=[run.train_set[p] for p in positions], positions=positions)
+
+
+def _reduce_mean(losses: list[float], stats: list[dict[str, float]]) -> tuple[float, dict[str, float]]:
+    keys = sorted({k for s in stats for k in s})
+    values = torch.tensor([np.mean(losses)] + [np.mean([s.get(k, np.nan) for s in stats]) for k in keys])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+        values /= torch.distributed.get_world_size()
+    return float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
+
+
+# -- evaluation, metrics.json, checkpoints --------------------------------------------------------------------------
+
+def _evaluate(run: Run, state: LoopState) -> None:
+    record: dict[str, Any] = {"step": state.step}
+    for split in run.eval_sets:
+        record[split] = evaluate(run, split)
+        run.call("on_eval_end", step=state.step, split=split, metrics=record[split])
+    state.history.append(record)
+    write_metrics(run, state)
+
+
+def write_metrics(run: Run, state: LoopState) -> dict[str, Any]:
+    """Write <output_dir>/metrics.json (rank 0) and return its content."""
+    final = {k: v for k, v in state.history[-1].items() if k != "step"} if state.history else {}
+    metrics = {"final": final if state.step >= run.recipe.train.max_steps else {}, "history": state.history,
+               "nonfinite_skipped": state.nonfinite_total}
+    if run.ctx.rank == 0:
+        checkpoint.atomic_write(run.recipe.output_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _root(run: Run):
+    return run.recipe.output_dir / "checkpoints"
+
+
+def _checkpointed(run: Run, step: int) -> bool:
+    return checkpoint.latest(_root(run)) == checkpoint.tag_for(step)
+
+
+def _checkpoint(run: Run, state: LoopState) -> None:
+    loop_state = {"loop": asdict(state), "rng": checkpoint.rng_state(),
+                  "components": {k: c.state_dict() for k, c in run.components.items()}}
+    path = checkpoint.save(run.engine, _root(run), state.step, run.ctx.rank, loop_state, run.ctx.barrier)
+    if run.ctx.rank == 0:
+        checkpoint.prune(_root(run), run.recipe.train.keep_checkpoints)
+    run.call("on_checkpoint", step=state.step, path=path)
+
+
+def _resume(run: Run) -> LoopState:
+    root = _root(run)
+    tag = checkpoint.latest(root) if run.recipe.resume == "auto" else None
+    if tag is None:
+        return LoopState()
+    run.engine.load_checkpoint(str(root), tag=tag)
+    saved = checkpoint.load_loop_state(root, tag, run.ctx.rank)
+    checkpoint.set_rng_state(saved["rng"])
+    for kind, component in run.components.items():
+        component.load_state_dict(saved["components"].get(kind, {}))
+    log.info("resumed from %s", root / tag)
+    return LoopState(**saved["loop"])
+
+
+def load_latest_weights(run: Run) -> int:
+    """Load the model weights of the latest complete checkpoint (no optimizer state); return its step (0 if none)."""
+    tag = checkpoint.latest(_root(run))
+    if tag is None:
+        log.warning("no checkpoint in %s: evaluating the untrained models", _root(run))
+        return 0
+    run.engine.load_checkpoint(str(_root(run)), tag=tag, load_module_only=True, load_optimizer_states=False,
+                               load_lr_scheduler_states=False)
+    return LoopState(**checkpoint.load_loop_state(_root(run), tag, run.ctx.rank)["loop"]).step

@@ -1,0 +1,304 @@
+"""YAML recipes into a validated, typed ``Recipe``.
+
+A recipe is a YAML file (read with ``yaml.safe_load`` only) that may ``extends:`` a base recipe (path relative to
+the file) and is then overridden by ``key=value`` pairs from the command line (dotted keys, values parsed as YAML).
+Each component section ``{name: ..., <options>}`` is checked against the chosen plugin's own ``Options`` schema.
+Changing a section's ``name`` (in a child recipe or an override) starts that section afresh: the options of the
+old plugin do not carry over. Errors name the key, the file and line it came from, and a close match.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jsarag.components import Options
+from jsarag.errors import RecipeError
+from jsarag.plugins import Plugins
+
+COMPONENT_SECTIONS = ("retriever", "index", "generator", "estimator")
+Origins = dict[str, str]  # dotted key -> "file line N" or "command line"
+
+
+class Section(BaseModel):
+    """A fixed part of the recipe: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class DataConfig(Section):
+    dir: Path | None = None
+    """Folder in the shared data layout (passages.jsonl, <split>.jsonl); null = the embedded DoQA cooking."""
+    train_split: str = "train"
+    """Split trained on."""
+    eval_splits: list[str] = ["dev"]
+    """Splits evaluated during and after training."""
+    drop_unanswerable: bool = True
+    """Drop examples whose answer is CANNOTANSWER (they ground on no passage)."""
+    max_history_turns: int = Field(2, ge=0)
+    """Earlier dialog turns kept in the retriever query and the generator prompt."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A malformed example line: stop with its file and line, or skip and count it."""
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, ge=0)
+    """Optimizer steps in total."""
+    stop_at: int | None = Field(None, ge=1)
+    """Stop this invocation after this step (checkpointed); a later run with resume: auto goes on."""
+    batch_size: int = Field(2, ge=1)
+    """Examples per micro-batch on each rank."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient-norm clipping (0 = off)."""
+    log_every: int = Field(10, ge=1)
+    """Steps between log lines when output is not a terminal."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between evaluations (0 = only at the end)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Steps between checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Complete checkpoints kept on disk."""
+    max_nonfinite: int = Field(5, ge=1)
+    """Stop after this many non-finite losses in a row (each is skipped and counted)."""
+
+
+class EvalConfig(Section):
+    max_examples: int | None = Field(200, ge=1)
+    """Examples evaluated per split (null = all)."""
+    at_start: bool = False
+    """Evaluate the untrained model before the first step."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per evaluation batch on each rank."""
+    top_k: int = Field(10, ge=1)
+    """Passages the prior ranks for Recall@k and MRR@k."""
+    generate: bool = True
+    """Decode answers (EM/F1); false = retrieval metrics only."""
+
+
+class DeepSpeedSection(Section):
+    config: str = "zero0.json"
+    """A file in ds_configs/ or a path to a DeepSpeed JSON config."""
+    overrides: dict[str, Any] = {}
+    """Keys merged into that config (e.g. {zero_optimization: {stage: 3}})."""
+
+
+class ComponentSpec(BaseModel):
+    """A chosen plugin component and its validated options."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    name: str
+    options: Options
+
+
+class Recipe(Section):
+    output_dir: Path = Path("runs/default")
+    """Where checkpoints, metrics.json and the report go."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest complete checkpoint in output_dir, if any."""
+    data: DataConfig = DataConfig()
+    retriever: ComponentSpec
+    index: ComponentSpec
+    generator: ComponentSpec
+    estimator: ComponentSpec
+    observers: list[str] = ["progress", "jsonl_log"]
+    """Observer plugins that watch the run."""
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    source: dict[str, Any] = {}
+    """The merged recipe as written (for reports); not a key to set."""
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> Recipe:
+    """Read, merge and validate a recipe file with command-line overrides."""
+    raw, origins = _read_with_extends(Path(path), seen=())
+    for item in overrides:
+        _apply_override(raw, origins, item)
+    return validate(raw, origins, plugins or Plugins())
+
+
+def validate(raw: dict[str, Any], origins: Origins, plugins: Plugins) -> Recipe:
+    """Turn a merged recipe dict into a ``Recipe``, checking every component against its plugin's schema."""
+    plain = {k: v for k, v in raw.items() if k not in COMPONENT_SECTIONS and k != "source"}
+    if "source" in raw:
+        raise RecipeError(f"'source' is not a recipe key ({_where('source', origins)})")
+    components = {}
+    for section in COMPONENT_SECTIONS:
+        if section not in raw:
+            raise RecipeError(f"the recipe has no '{section}' section ({_where('', origins)})")
+        components[section] = _component(section, raw[section], origins, plugins)
+    for name in raw.get("observers") or []:
+        _check_plugin("observer", str(name), "observers", origins, plugins)
+    try:
+        return Recipe.model_validate({**plain, **components, "source": copy.deepcopy(raw)})
+    except ValidationError as exc:
+        raise _recipe_error(exc, Recipe, (), origins) from None
+
+
+def _component(section: str, value: Any, origins: Origins, plugins: Plugins) -> ComponentSpec:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise RecipeError(f"{section} must be a mapping with a 'name' ({_where(section, origins)})")
+    kind = "index" if section == "index" else section
+    cls = _check_plugin(kind, value["name"], f"{section}.name", origins, plugins)
+    options = {k: v for k, v in value.items() if k != "name"}
+    try:
+        return ComponentSpec(name=value["name"], options=cls.Options.model_validate(options))
+    except ValidationError as exc:
+        raise _recipe_error(exc, cls.Options, (section,), origins, extra_keys=("name",)) from None
+
+
+def _check_plugin(kind: str, name: str, key: str, origins: Origins, plugins: Plugins) -> type:
+    known = plugins.registry()[kind]
+    if name in known:
+        return known[name].cls
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise RecipeError(
+        f"{key}: unknown {kind} plugin '{name}' ({_where(key, origins)}); registered: "
+        f"{', '.join(sorted(known)) or 'none'}{hint}"
+    )
+
+
+def _recipe_error(
+    exc: ValidationError, model: type[BaseModel], prefix: tuple[str, ...], origins: Origins, extra_keys=()
+) -> RecipeError:
+    """Describe the first validation error by key, origin and, for an unknown key, a close match."""
+    err = exc.errors()[0]
+    loc = prefix + tuple(str(p) for p in err["loc"])
+    key = ".".join(loc)
+    message = f"{key}: {err['msg']}"
+    if err["type"] == "extra_forbidden":
+        fields = list(_fields_at(model, err["loc"][:-1])) + list(extra_keys)
+        close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
+        message = f"{key}: unknown key" + (f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else "")
+        message += f" (valid here: {', '.join(sorted(fields))})"
+    elif "input" in err and err["type"] != "missing":
+        message += f", got {err['input']!r}"
+    return RecipeError(f"{message} ({_where(key, origins)})")
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> dict[str, Any]:
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return {}
+        model = annotation
+    return model.model_fields
+
+
+def _where(key: str, origins: Origins) -> str:
+    """Return where a dotted key (or its nearest parent) was set."""
+    parts = key.split(".") if key else []
+    while parts:
+        if ".".join(parts) in origins:
+            return origins[".".join(parts)]
+        parts.pop()
+    return origins.get("", "recipe")
+
+
+# -- reading, extends and overrides ---------------------------------------------------------------------------------
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
+    path = path.resolve()
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    data, origins = read_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data, origins
+    if not isinstance(base, str):
+        raise RecipeError(f"{origins['extends']}: 'extends' must be a path to a recipe")
+    parent, parent_origins = _read_with_extends(path.parent / base, seen + (path,))
+    origins.pop("extends")
+    return _merge(parent, data, parent_origins, origins), {**parent_origins, **origins}
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], Origins]:
+    """Parse a recipe file safely; return its mapping and the file and line of each dotted key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: malformed YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    origins: Origins = {"": str(path)}
+    _key_lines(node, (), path, origins)
+    return data, origins
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...], path: Path, origins: Origins) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[str] = set()
+    for key_node, value_node in node.value:
+        key = ".".join(prefix + (str(key_node.value),))
+        if key in seen:
+            raise RecipeError(f"{path} line {key_node.start_mark.line + 1}: duplicate key '{key}'")
+        seen.add(key)
+        origins[key] = f"{path} line {key_node.start_mark.line + 1}"
+        _key_lines(value_node, prefix + (str(key_node.value),), path, origins)
+
+
+def _merge(base: dict, child: dict, base_origins: Origins, child_origins: Origins, prefix: str = "") -> dict:
+    """Deep-merge ``child`` into ``base``; a component section whose name changes is replaced, not merged."""
+    out = dict(base)
+    for key, value in child.items():
+        old = out.get(key)
+        renamed = isinstance(value, dict) and isinstance(old, dict) and "name" in value and value["name"] != old.get("name")
+        if isinstance(value, dict) and isinstance(old, dict) and not renamed:
+            out[key] = _merge(old, value, base_origins, child_origins, f"{prefix}{key}.")
+        else:
+            out[key] = value
+            if renamed:
+                _drop_origins(base_origins, f"{prefix}{key}.")
+    return out
+
+
+def _drop_origins(origins: Origins, prefix: str) -> None:
+    for key in [k for k in origins if k.startswith(prefix)]:
+        del origins[key]
+
+
+def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
+    """Apply one ``dotted.key=value`` override in place."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError(f"override '{item}' must look like dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override '{item}': the value is not valid YAML: {exc}") from None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    if parts[-1] == "name" and len(parts) == 2 and parts[0] in COMPONENT_SECTIONS and node.get("name") != value:
+        node.clear()  # a different plugin: its options start afresh
+        _drop_origins(origins, f"{parts[0]}.")
+    node[parts[-1]] = value
+    origins[key.strip()] = f"command line override '{item}'"

@@ -1,0 +1,97 @@
+"""Observers ``progress`` (a tqdm bar on rank 0, plain log lines when output is not a terminal) and
+``jsonl_log`` (one JSON line per step and evaluation in <output_dir>/train_log.jsonl, rank 0)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jsarag import hookimpl
+from jsarag.checkpoint import atomic_write
+from jsarag.components import Component, Options, RunContext
+
+log = logging.getLogger("jsarag.train")
+SHOWN = ("acceptance", "unique_states", "ess")  # estimator stats worth a place on the bar
+
+
+class Progress(Component):
+    """A progress bar with loss, key estimator stats, step time and ETA; log lines when not a terminal."""
+
+    kind = "observer"
+
+    def __init__(self, options: Options, ctx: RunContext) -> None:
+        super().__init__(options, ctx)
+        self.bar: tqdm | None = None
+        self.tty = sys.stderr.isatty()
+        self.last = time.perf_counter()
+
+    @hookimpl
+    def on_train_start(self, start_step: int, max_steps: int) -> None:
+        if self.ctx.rank == 0 and self.tty:
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.last = time.perf_counter()
+
+    @hookimpl
+    def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
+        if self.ctx.rank != 0:
+            return
+        now, elapsed = time.perf_counter(), time.perf_counter() - self.last
+        self.last = now
+        shown = {"loss": f"{loss:.4f}", **{k: f"{stats[k]:.3g}" for k in SHOWN if k in stats}, "s/step": f"{elapsed:.2f}"}
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        elif step % self.ctx.recipe.train.log_every == 0 or step == self.ctx.recipe.train.max_steps:
+            log.info("step %d/%d %s", step, self.ctx.recipe.train.max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
+
+    @hookimpl
+    def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if self.ctx.rank == 0:
+            text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            (self.bar.write if self.bar is not None else log.info)(f"eval step {step} {split}: {text}")
+
+    @hookimpl
+    def on_train_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class JsonlLog(Component):
+    """Append every step's and evaluation's numbers to <output_dir>/train_log.jsonl."""
+
+    kind = "observer"
+
+    def __init__(self, options: Options, ctx: RunContext) -> None:
+        super().__init__(options, ctx)
+        self.path: Path = ctx.output_dir / "train_log.jsonl"
+
+    @hookimpl
+    def on_train_start(self, start_step: int) -> None:
+        """On resumption, drop records of steps after the checkpoint: they are about to be redone."""
+        if self.ctx.rank == 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.ctx.rank == 0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @hookimpl
+    def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
+        self._write({"step": step, "time": time.time(), "loss": loss, **stats})
+
+    @hookimpl
+    def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self._write({"step": step, "time": time.time(), "split": split, **metrics})
+
+
+@hookimpl
+def register_observers(register) -> None:
+    register("progress", Progress)
+    register("jsonl_log", JsonlLog)

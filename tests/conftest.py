@@ -1,0 +1,109 @@
+"""Shared fixtures: a small DoQA subset, recipes over tiny models, and running `jsarag` the way users do."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jsarag.data import default_data_dir
+
+REPO = Path(__file__).resolve().parent.parent
+JSARAG = [sys.executable, "-m", "jsarag"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """A model and index cache of the test session's own (tiny models are built into it once)."""
+    cache = tmp_path_factory.mktemp("jsarag-cache")
+    os.environ["JSARAG_CACHE"] = str(cache)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def _read_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A DoQA cooking subset: 24 passages, the train/dev examples grounded in them."""
+    src, out = default_data_dir(), tmp_path_factory.mktemp("tiny-doqa")
+    passages = _read_gz(src / "passages.jsonl.gz")[:24]
+    ids = {p["id"] for p in passages}
+    for split, n in [("train", 48), ("dev", 12)]:
+        rows = [e for e in _read_gz(src / f"{split}.jsonl.gz") if set(e["gold_passage_ids"]) <= ids
+                and e["answer"] != "CANNOTANSWER"]
+        if len(rows) < n:  # dev covers few of the first passages: borrow later train examples
+            rows = [e for e in _read_gz(src / "train.jsonl.gz") if set(e["gold_passage_ids"]) <= ids][-n:]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in rows[:n]))
+    (out / "passages.jsonl").write_text("".join(json.dumps(p) + "\n" for p in passages))
+    return out
+
+
+def tiny_recipe_dict(data_dir: Path, output_dir: Path, estimator: str = "rag") -> dict:
+    """A recipe over tiny models built from a config: seconds per step on CPU."""
+    return {
+        "output_dir": str(output_dir),
+        "data": {"dir": str(data_dir), "max_history_turns": 1},
+        "retriever": {"name": "dense", "model": "jsarag/tiny-bert", "top_k": 4, "lr": 1e-3, "max_length": 64},
+        "index": {"name": "faiss"},
+        "generator": {"name": "causal_lm", "model": "jsarag/tiny-gpt2", "lr": 3e-3, "max_passage_tokens": 48,
+                      "max_prompt_tokens": 96, "max_answer_tokens": 24, "max_new_tokens": 8},
+        "estimator": {"name": estimator},
+        "observers": ["jsonl_log"],
+        "train": {"max_steps": 6, "batch_size": 2, "seed": 0, "schedule": "constant", "log_every": 1},
+        "eval": {"max_examples": 6, "batch_size": 4, "top_k": 10},
+        "deepspeed": {"config": "zero0.json"},
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_data, tmp_path):
+    """Write a tiny recipe (with nested overrides) and return its path."""
+
+    def write(name: str = "recipe.yaml", **sections) -> Path:
+        recipe = tiny_recipe_dict(tiny_data, tmp_path / "run")
+        for key, value in sections.items():
+            renamed = isinstance(value, dict) and value.get("name", recipe[key].get("name")) != recipe[key].get("name")
+            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and not renamed else value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `jsarag ...` in a fresh process, or under `deepspeed --num_gpus N` when launcher_ranks > 0."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    if launcher_ranks:
+        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(launcher_ranks),
+                   "--master_port", str(_free_port()), "--module", "jsarag", *args]
+    else:
+        command = [*JSARAG, *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    """The per-step records of a run's train_log.jsonl."""
+    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]

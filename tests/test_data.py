@@ -1,0 +1,318 @@
+"""Tests of jsarag.data and jsarag.kb: the embedded DoQA set, SQuAD, input checking, fingerprints, rendering."""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jsarag.data import (
+    UNANSWERABLE,
+    Example,
+    default_data_dir,
+    load_examples,
+    render_history,
+    render_posterior_query,
+    render_query,
+    split_path,
+)
+from jsarag.errors import DataError
+from jsarag.kb import KnowledgeBase, Passage, load_kb
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DOQA_FILES = ["passages", "train", "dev", "test"]
+# sha256 of the embedded DoQA cooking passages as KnowledgeBase.fingerprint computes it: a change means every cached
+# index of it is invalidated, so it must be deliberate
+DOQA_FINGERPRINT = "4a3fa312cbf51733f58f1149195d8df84f4d0dee55b4519f67040ec9ae69d82a"
+
+PASSAGES = [
+    {"id": "p0", "title": "", "text": "Duck legs are tough; confit them."},
+    {"id": "p1", "title": "Bread", "text": "Knead the dough ten minutes."},
+    {"id": "p2", "title": "", "text": "Salt draws water out of aubergines."},
+]
+
+
+def example(**overrides: Any) -> dict[str, Any]:
+    """A valid example line as a dict, with some fields replaced."""
+    fields = {"id": "e0", "context": [], "question": "How long to knead?", "answer": "ten minutes",
+              "answers": ["ten minutes"], "gold_passage_ids": ["p1"]}
+    return {**fields, **overrides}
+
+
+def without(key: str, **overrides: Any) -> dict[str, Any]:
+    """A valid example line as a dict, less one field."""
+    return {k: v for k, v in example(**overrides).items() if k != key}
+
+
+def write_jsonl(path: Path, lines: list[Any]) -> Path:
+    """Write one line per item: a str as it is, anything else as JSON."""
+    text = "".join((item if isinstance(item, str) else json.dumps(item)) + "\n" for item in lines)
+    path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+    return path
+
+
+@pytest.fixture
+def kb(tmp_path: Path) -> KnowledgeBase:
+    """A three-passage knowledge base."""
+    return load_kb(write_jsonl(tmp_path / "passages.jsonl", PASSAGES))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embedded dataset and the shared data folders
+
+
+def test_embedded_doqa_counts() -> None:
+    data_dir = default_data_dir()
+    kb = load_kb(split_path(data_dir, "passages"))
+    assert len(kb) == 1108
+    counts = {split: len(load_examples(split_path(data_dir, split), kb)) for split in ["train", "dev", "test"]}
+    assert counts == {"train": 4608, "dev": 910, "test": 1792}
+    answerable = load_examples(split_path(data_dir, "train"), kb, drop_unanswerable=True)
+    assert len(answerable) == 4608 - 1271
+    assert answerable.dropped_unanswerable == 1271 and answerable.skipped == 0
+    assert all(ex.answer != UNANSWERABLE for ex in answerable)
+    assert load_examples(split_path(data_dir, "test"), kb, drop_unanswerable=True).dropped_unanswerable == 534
+
+
+def test_embedded_doqa_is_packaged_with_licence() -> None:
+    data_dir = default_data_dir()
+    assert sorted(p.name for p in data_dir.glob("*.jsonl.gz")) == sorted(f"{name}.jsonl.gz" for name in DOQA_FILES)
+    assert "https://creativecommons.org/licenses/by-sa/4.0/" in (data_dir / "LICENSE").read_text()
+    readme = (data_dir / "README.md").read_text()
+    assert "Campos" in readme and "c1ff7e51" in readme and UNANSWERABLE in readme
+
+
+def test_embedded_doqa_fingerprint_is_pinned() -> None:
+    kb = load_kb(split_path(default_data_dir(), "passages"))
+    assert kb.fingerprint == DOQA_FINGERPRINT
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "doqa_cooking").is_dir(), reason="shared/data/doqa_cooking is absent")
+@pytest.mark.parametrize("name", DOQA_FILES)
+def test_embedded_doqa_matches_shared_bytes(name: str) -> None:
+    embedded = gzip.decompress((default_data_dir() / f"{name}.jsonl.gz").read_bytes())
+    assert embedded == (SHARED_DATA / "doqa_cooking" / f"{name}.jsonl").read_bytes()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "squad_v1.1").is_dir(), reason="shared/data/squad_v1.1 is absent")
+def test_squad_loads() -> None:
+    data_dir = SHARED_DATA / "squad_v1.1"
+    kb = load_kb(split_path(data_dir, "passages"))
+    assert len(kb) == 4497
+    assert kb.render(0).startswith("University of Notre Dame: ")
+    train, dev = (load_examples(split_path(data_dir, split), kb) for split in ["train", "dev"])
+    assert (len(train), len(dev)) == (11877, 4961)
+    assert all(ex.context == () for ex in train)
+    with pytest.raises(DataError, match="no split \"test\".*present: dev, passages, train"):
+        split_path(data_dir, "test")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad example files: each error names the file and the line
+
+
+BAD_EXAMPLES = {
+    "not JSON": ('{"id": "e1", "question": ', "not valid JSON (Expecting value"),
+    "not an object": ("[1, 2]", "expected a JSON object, got a list"),
+    "missing field": (without("question", id="e1"), 'missing field "question"'),
+    "id not a string": (example(id=7), 'field "id" must be a string, got a number'),
+    "context not a list": (example(id="e1", context="earlier turn"), 'field "context" must be a list of strings'),
+    "context item not a string": (example(id="e1", context=["hi", None]), 'field "context" must be a list of strings'),
+    "answers empty": (example(id="e1", answers=[]), 'field "answers" is an empty list'),
+    "answers not strings": (example(id="e1", answers=[1]), 'field "answers" must be a list of strings'),
+    "question empty": (example(id="e1", question="  "), 'field "question" is empty'),
+    "answer empty": (example(id="e1", answer=""), 'field "answer" is empty'),
+    "answer null": (example(id="e1", answer=None), 'field "answer" must be a string, got null'),
+    "gold ids missing": (without("gold_passage_ids", id="e1"), 'missing field "gold_passage_ids"'),
+    "duplicate id": (example(), 'duplicate example id "e0" (first at line 1)'),
+    "gold id not in KB": (example(id="e1", gold_passage_ids=["p9"]), 'gold passage id "p9" is not in the knowledge'),
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize("case", sorted(BAD_EXAMPLES))
+def test_bad_example_line_is_named(tmp_path: Path, kb: KnowledgeBase, case: str, suffix: str) -> None:
+    bad, message = BAD_EXAMPLES[case]
+    path = write_jsonl(tmp_path / f"train{suffix}", [example(), "", bad, example(id="e2")])  # bad line is line 3
+    with pytest.raises(DataError) as caught:
+        load_examples(path, kb)
+    assert f"train{suffix} line 3: " in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_gold_ids_are_not_checked_without_kb(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "dev.jsonl", [example(gold_passage_ids=["p9"])])
+    assert load_examples(path, None)[0].gold_passage_ids == ("p9",)
+
+
+def test_missing_answers_default_to_answer(tmp_path: Path, kb: KnowledgeBase) -> None:
+    path = write_jsonl(tmp_path / "dev.jsonl", [without("answers")])
+    assert load_examples(path, kb)[0].answers == ("ten minutes",)
+
+
+def test_example_fields(tmp_path: Path, kb: KnowledgeBase) -> None:
+    line = example(context=["Hi?", "Hello."], answers=["ten minutes", "10 min"], extra="ignored")
+    loaded = load_examples(write_jsonl(tmp_path / "dev.jsonl", [line]), kb)
+    assert loaded.path == tmp_path / "dev.jsonl"
+    assert list(loaded) == [Example("e0", ("Hi?", "Hello."), "How long to knead?", "ten minutes",
+                                    ("ten minutes", "10 min"), ("p1",))]
+
+
+@pytest.mark.parametrize("lines", [[], ["", "  "]])
+def test_empty_example_file_is_an_error(tmp_path: Path, kb: KnowledgeBase, lines: list[str]) -> None:
+    with pytest.raises(DataError, match="dev.jsonl: no examples"):
+        load_examples(write_jsonl(tmp_path / "dev.jsonl", lines), kb)
+
+
+def test_skip_counts_bad_lines_and_logs_once(tmp_path: Path, kb: KnowledgeBase,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    lines = [example(id=f"e{i}") for i in range(8)]
+    lines[1], lines[4], lines[6] = "not json", example(id="e4", answer=""), example(id="e0")  # e0 again: duplicate
+    path = write_jsonl(tmp_path / "train.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="jsarag.data"):
+        loaded = load_examples(path, kb, on_error="skip")
+    assert (len(loaded), loaded.skipped) == (5, 3)
+    assert [ex.id for ex in loaded] == ["e0", "e2", "e3", "e5", "e7"]
+    assert len(caplog.records) == 1
+    assert "skipped 3 bad lines (lines 2, 5, 7)" in caplog.text and "train.jsonl" in caplog.text
+
+
+def test_skip_with_no_good_line_is_an_error(tmp_path: Path, kb: KnowledgeBase) -> None:
+    with pytest.raises(DataError, match=r"no examples \(2 bad lines skipped\)"):
+        load_examples(write_jsonl(tmp_path / "train.jsonl", ["{", "[]"]), kb, on_error="skip")
+
+
+def test_drop_unanswerable(tmp_path: Path, kb: KnowledgeBase) -> None:
+    lines = [example(), example(id="e1", answer=UNANSWERABLE, answers=[UNANSWERABLE]), example(id="e2")]
+    path = write_jsonl(tmp_path / "dev.jsonl", lines)
+    assert len(load_examples(path, kb)) == 3
+    kept = load_examples(path, kb, drop_unanswerable=True)
+    assert ([ex.id for ex in kept], kept.dropped_unanswerable) == (["e0", "e2"], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad passage files
+
+
+BAD_PASSAGES = {
+    "not JSON": ('{"id": "p7" "title": ""}', "not valid JSON (Expecting ',' delimiter"),
+    "not an object": ('"just text"', "expected a JSON object, got a string"),
+    "missing text": ({"id": "p7", "title": ""}, 'missing field "text"'),
+    "missing title": ({"id": "p7", "text": "t"}, 'missing field "title"'),
+    "id not a string": ({"id": 7, "title": "", "text": "t"}, 'field "id" must be a string, got a number'),
+    "empty id": ({"id": "", "title": "", "text": "t"}, 'field "id" is empty'),
+    "text not a string": ({"id": "p7", "title": "", "text": ["t"]}, 'field "text" must be a string, got a list'),
+    "duplicate id": ({"id": "p1", "title": "", "text": "again"}, 'duplicate passage id "p1" (first at line 2)'),
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize("case", sorted(BAD_PASSAGES))
+def test_bad_passage_line_is_named(tmp_path: Path, case: str, suffix: str) -> None:
+    bad, message = BAD_PASSAGES[case]
+    path = write_jsonl(tmp_path / f"passages{suffix}", [*PASSAGES, "", bad])  # bad line is line 5
+    with pytest.raises(DataError) as caught:
+        load_kb(path)
+    assert f"passages{suffix} line 5: {message}" in str(caught.value)
+
+
+@pytest.mark.parametrize("lines", [[], ["", " "]])
+def test_empty_passage_file_is_an_error(tmp_path: Path, lines: list[str]) -> None:
+    with pytest.raises(DataError, match="passages.jsonl: no passages"):
+        load_kb(write_jsonl(tmp_path / "passages.jsonl", lines))
+
+
+def test_unreadable_files_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="passages.jsonl: no such file"):
+        load_kb(tmp_path / "passages.jsonl")
+    (tmp_path / "passages.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="passages.jsonl.gz: cannot be read"):
+        load_kb(tmp_path / "passages.jsonl.gz")
+    (tmp_path / "bad_utf8.jsonl").write_bytes(b'{"id": "p0", "title": "", "text": "\xff"}\n')
+    with pytest.raises(DataError, match="bad_utf8.jsonl line 1: not valid JSON"):
+        load_kb(tmp_path / "bad_utf8.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The knowledge base
+
+
+def test_kb_lookup_and_render(kb: KnowledgeBase) -> None:
+    assert kb.ids == ["p0", "p1", "p2"] and len(kb) == 3
+    assert (kb.row("p2"), kb.has("p1"), kb.has("p9")) == (2, True, False)
+    assert kb.render(0) == "Duck legs are tough; confit them."
+    assert kb.render(1) == "Bread: Knead the dough ten minutes."
+    assert kb.passage(1) == Passage("p1", "Bread", "Knead the dough ten minutes.")
+    assert kb.dataset[2] == PASSAGES[2]
+    with pytest.raises(DataError, match=r'passage id "p9" is not in the knowledge base .*passages.jsonl'):
+        kb.row("p9")
+
+
+def test_kb_fingerprint(tmp_path: Path, kb: KnowledgeBase) -> None:
+    same = load_kb(write_jsonl(tmp_path / "copy.jsonl.gz", PASSAGES))
+    assert kb.fingerprint == same.fingerprint and len(kb.fingerprint) == 64
+    edited = [dict(p) for p in PASSAGES]
+    edited[2]["text"] = edited[2]["text"].replace("water", "Water")
+    assert load_kb(write_jsonl(tmp_path / "edited.jsonl", edited)).fingerprint != kb.fingerprint
+    shifted = [dict(p) for p in PASSAGES]
+    shifted[1].update(title="Brea", text="d" + shifted[1]["text"])  # same characters, other field boundary
+    assert load_kb(write_jsonl(tmp_path / "shifted.jsonl", shifted)).fingerprint != kb.fingerprint
+    reordered = [PASSAGES[1], PASSAGES[0], PASSAGES[2]]
+    assert load_kb(write_jsonl(tmp_path / "reordered.jsonl", reordered)).fingerprint != kb.fingerprint
+
+
+def test_split_path(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl.gz", [example()])
+    assert split_path(tmp_path, "train") == tmp_path / "train.jsonl.gz"
+    with pytest.raises(DataError, match=r'no split "dev" \(dev.jsonl\[.gz\]\); present: train'):
+        split_path(tmp_path, "dev")
+    write_jsonl(tmp_path / "train.jsonl", [example()])
+    with pytest.raises(DataError, match="both train.jsonl and train.jsonl.gz exist"):
+        split_path(tmp_path, "train")
+    with pytest.raises(DataError, match="present: none"):
+        split_path(tmp_path / "absent", "train")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering
+
+DUCK = Example(
+    id="d1",
+    context=("Tips for grilling duck legs?", "I think grilling is a bad plan"),
+    question="What makes you say that?",
+    answer="the fat content",
+    answers=("the fat content",),
+    gold_passage_ids=("p0",),
+)
+LONG = Example("d2", ("u1", "s1", "u2", "s2", "u3", "s3"), "q4", "a4", ("a4",), ())
+
+
+def test_render_query() -> None:
+    assert render_query(DUCK, 4) == (
+        "What makes you say that? || system: I think grilling is a bad plan | user: Tips for grilling duck legs?"
+    )
+    assert render_query(DUCK, 0) == "What makes you say that?"
+    assert render_query(DUCK, 1) == "What makes you say that? || system: I think grilling is a bad plan"
+    assert render_query(LONG, 3) == "q4 || system: s3 | user: u3 | system: s2"
+    assert render_query(LONG, 100) == "q4 || system: s3 | user: u3 | system: s2 | user: u2 | system: s1 | user: u1"
+    no_history = Example("q", (), "Who?", "Me", ("Me",), ())
+    assert render_query(no_history, 4) == "Who?"
+
+
+def test_render_posterior_query() -> None:
+    assert render_posterior_query(DUCK, 1, " [SEP] ") == (
+        "What makes you say that? || system: I think grilling is a bad plan [SEP] the fat content"
+    )
+    assert render_posterior_query(DUCK, 0, "\n") == "What makes you say that?\nthe fat content"
+
+
+def test_render_history() -> None:
+    assert render_history(DUCK, 4) == "User: Tips for grilling duck legs?\nAssistant: I think grilling is a bad plan"
+    assert render_history(LONG, 3) == "Assistant: s2\nUser: u3\nAssistant: s3"
+    assert render_history(DUCK, 0) == ""
+    assert render_history(Example("q", (), "Who?", "Me", ("Me",), ()), 4) == ""
+    with pytest.raises(ValueError, match="max_history_turns"):
+        render_history(DUCK, -1)
