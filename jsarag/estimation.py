@@ -24,5 +24,6 @@ def masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor
 
 
 def weighted_sum(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(B,) Σ_c w_c v_c, where zero weights silence -inf values."""
-    return torch.where(weights > 0, weights * values, torch.zeros_like(values)).sum(-1)
+    """(B,) Σ_c w_c v_c, where zero weights silence infinite values (in the forward and the backward pass)."""
+    safe = torch.where(weights > 0, values, torch.zeros_like(values))
+    return (weights * safe).sum(-1)

@@ -1,0 +1,170 @@
+"""Estimator ``jsa``: JSA-RAG, joint stochastic approximation with a Metropolis independence sampler (MIS).
+
+Targets: maximise log p(y|x) for the generator and the prior, minimise the inclusive KL(p(h|x,y) ‖ q(h|x,y)) for the
+posterior. Both gradients are expectations under the true posterior p(h|x,y) ∝ p̃(h|x) p(y|x,h), estimated by a
+chain whose proposal is the posterior retriever q̃:
+
+1. draw m proposals h'_1..h'_m ~ q̃ (with replacement);
+2. score log p(y|x,h) once for each unique passage among the proposals and the cached state (no gradient);
+3. from the cached state h (or the first proposal), accept h' with prob. min{1, [p̃(h') p(y|h') q̃(h)] / [p̃(h) p(y|h) q̃(h')]};
+4. weight w_h = share of the m chain states equal to h (``use: all``) or the last state only (``use: last``);
+5. loss = Σ_h w_h [-log p(y|x,h) - log p̃(h|x) - log q̃(h|x,y)], re-scoring with gradient only the states with w_h > 0;
+   the last state goes to the per-example cache (``cache: true``), which is checkpointed with the model.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+
+from jsarag import hookimpl
+from jsarag.components import Component, Options, RunContext
+from jsarag.estimation import request_for, scatter_scores, weighted_sum
+from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+
+log = logging.getLogger("jsarag.jsa")
+
+
+class JsaOptions(Options):
+    proposals: int = Field(50, ge=1)
+    """m: proposals drawn from the posterior per example and step."""
+    use: Literal["all", "last"] = "all"
+    """Weight all m chain states by frequency (the reference), or only the last (textbook JSA)."""
+    cache: bool = True
+    """Keep each example's last chain state across steps and start the next chain from it."""
+    likelihood: Likelihood = "sum"
+    """log p(y|x,h) summed over answer tokens, or length-normalised (mean, as the reference code)."""
+    grad_pass: Literal["rescore", "single"] = "rescore"
+    """rescore: score proposals without gradient, re-run only weighted states with it; single: one pass with it."""
+
+
+@dataclass
+class ChainRequest(ScoreRequest):
+    """A score request that also carries the chain's proposals and start (candidate slots)."""
+
+    proposals: torch.Tensor = None  # (B, m) long: slots drawn from q̃
+    start: torch.Tensor = None  # (B,) long: slot of the cached state, -1 where none
+
+
+def run_chain(log_ratio: torch.Tensor, proposals: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run B independence-sampler chains; return the (B, m) visited slots and the number of accepted moves.
+
+    ``log_ratio`` (B, C) is log[p̃(h) p(y|h) / q̃(h)], the target over the proposal; an example with ``start`` -1
+    takes its first proposal as its first state, as in the reference implementation.
+    """
+    batch, m = proposals.shape
+    rows = torch.arange(batch)
+    fresh = start < 0
+    current = torch.where(fresh, proposals[:, 0], start)
+    states, accepted = [], 0
+    for j in range(m):
+        candidate = proposals[:, j]
+        accept = torch.rand(batch).log() < log_ratio[rows, candidate] - log_ratio[rows, current]
+        if j == 0:
+            accept = accept & ~fresh  # a fresh chain's first state is its first proposal, not a move
+        accepted += int(accept.sum())
+        current = torch.where(accept, candidate, current)
+        states.append(current)
+    return torch.stack(states, dim=1), accepted
+
+
+def chain_weights(states: torch.Tensor, width: int, use: str) -> torch.Tensor:
+    """(B, C) share of the chain states in each slot (``all``), or a one-hot of the last state (``last``)."""
+    chosen = states if use == "all" else states[:, -1:]
+    counts = torch.zeros(states.shape[0], width).scatter_add_(1, chosen, torch.ones_like(chosen, dtype=torch.float))
+    return counts / chosen.shape[1]
+
+
+class Jsa(Component):
+    """JSA-RAG: MIS over the candidate set with the posterior as proposal; trains generator, prior and posterior."""
+
+    kind = "estimator"
+    Options = JsaOptions
+    needs_posterior = True
+
+    def __init__(self, options: JsaOptions, ctx: RunContext) -> None:
+        super().__init__(options, ctx)
+        self.cache: dict[int, int] = {}  # example position in the train split -> KB row of its last chain state
+        log.info("jsa: m=%d, use=%s, cache=%s, generator likelihood=%s (%s)", options.proposals, options.use,
+                 options.cache, options.likelihood, "summed over tokens" if options.likelihood == "sum" else "per token")
+
+    @hookimpl
+    def extra_candidates(self, batch: Batch) -> list[list[int]]:
+        return [[self.cache[p]] if self.options.cache and p in self.cache else [] for p in batch.positions]
+
+    @hookimpl
+    def sample(self, batch: Batch, candidates: Candidates) -> ChainRequest:
+        q = candidates.posterior_log_probs().detach().exp().cpu()  # (B, C)
+        proposals = torch.multinomial(q, self.options.proposals, replacement=True)  # (B, m)
+        start = self._cached_slots(batch, candidates)  # (B,)
+        used = torch.zeros(q.shape, dtype=torch.bool).scatter_(1, proposals, True)
+        has_start = start >= 0
+        used[has_start.nonzero(as_tuple=True)[0], start[has_start]] = True
+        request = request_for(used, grad=self.options.grad_pass == "single")
+        return ChainRequest(request.example, request.slot, request.grad, proposals=proposals, start=start)
+
+    def _cached_slots(self, batch: Batch, candidates: Candidates) -> torch.Tensor:
+        """(B,) the candidate slot holding each example's cached state, -1 where there is none."""
+        start = torch.full((len(batch),), -1, dtype=torch.long)
+        for i, position in enumerate(batch.positions):
+            if self.options.cache and position in self.cache:
+                hit = (candidates.rows[i] == self.cache[position]).nonzero()
+                start[i] = int(hit[0, 0]) if len(hit) else -1
+        return start
+
+    @hookimpl
+    def update(self, batch: Batch, candidates: Candidates, request: ChainRequest, scores: Scores,
+               rescore: Callable[[ScoreRequest], Scores]) -> StepResult:
+        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates).cpu()  # (B, C)
+        log_p = candidates.prior_log_probs()  # (B, C) log p̃(h|x), with gradient
+        log_q = candidates.posterior_log_probs()  # (B, C) log q̃(h|x,y), with gradient
+        log_ratio = log_p.detach().cpu() + loglik.detach() - log_q.detach().cpu()  # (B, C)
+        states, accepted = run_chain(log_ratio, request.proposals, request.start)  # (B, m)
+        weights = chain_weights(states, loglik.shape[1], self.options.use)  # (B, C)
+        if not request.grad:  # second pass: gradient only where the chain put weight
+            again = request_for(weights > 0, grad=True)
+            loglik = scatter_scores(rescore(again).loglik(self.options.likelihood), again, candidates)
+        weights = weights.to(log_p.device)
+        loss = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q)).mean()
+        self._remember(batch, candidates, states[:, -1])
+        return StepResult(loss=loss, stats=self._stats(batch, request, states, accepted, weights))
+
+    def _remember(self, batch: Batch, candidates: Candidates, last: torch.Tensor) -> None:
+        """Write each example's last state to the cache, on every rank (an example may go to any rank next time)."""
+        if not self.options.cache:
+            return
+        rows = candidates.rows.gather(1, last.unsqueeze(1).to(candidates.rows.device)).squeeze(1).tolist()
+        updates = list(zip(batch.positions, rows))
+        if self.ctx is not None and self.ctx.world_size > 1:
+            gathered: list = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(gathered, updates)
+            updates = [u for part in gathered for u in part]
+        self.cache.update(updates)
+
+    def _stats(self, batch, request: ChainRequest, states, accepted: int, weights) -> dict[str, float]:
+        moves = states.numel() - int((request.start < 0).sum())
+        unique = [len(set(row)) for row in states.tolist()]
+        return {
+            "acceptance": accepted / max(moves, 1),
+            "unique_states": sum(unique) / len(unique),
+            "ess": float((1.0 / (weights**2).sum(-1)).mean()),
+            "cache_hit": float((request.start >= 0).float().mean()),
+            "pairs_scored": float(len(request)),
+        }
+
+    def state_dict(self) -> dict:
+        positions = sorted(self.cache)
+        return {"positions": torch.tensor(positions, dtype=torch.long),
+                "rows": torch.tensor([self.cache[p] for p in positions], dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.cache = dict(zip(state["positions"].tolist(), state["rows"].tolist()))
+
+
+@hookimpl
+def register_estimators(register) -> None:
+    register("jsa", Jsa)

@@ -1,0 +1,43 @@
+"""Estimator ``rag_token``: RAG-Token, top-K marginalisation per answer token.
+
+``loss = -Σ_t log Σ_{h∈C} p̃(h|x) p(y_t|x,h,y_<t)`` over the prior's top-K candidates C.
+"""
+from __future__ import annotations
+
+import torch
+
+from jsarag import hookimpl
+from jsarag.components import Component, Options
+from jsarag.types import Batch, Candidates, ScoreRequest, Scores, StepResult
+
+
+class RagToken(Component):
+    """Marginalise each answer token's likelihood over the prior's top-K passages."""
+
+    kind = "estimator"
+    Options = Options
+    needs_posterior = False
+
+    @hookimpl
+    def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
+        return ScoreRequest.all_slots(candidates)
+
+    @hookimpl
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
+        b, c = candidates.rows.shape
+        t = scores.token_logprobs.shape[1]
+        device = scores.token_logprobs.device
+        tokens = torch.full((b, c, t), float("-inf"), device=device)  # (B, C, T)
+        tokens = tokens.index_put((request.example.to(device), request.slot.to(device)), scores.token_logprobs)
+        mask = torch.zeros(b, t, dtype=torch.bool, device=device)  # (B, T): answers are right-aligned
+        mask[request.example.to(device)] = scores.token_mask
+        prior = candidates.prior_log_probs().to(device).unsqueeze(-1)  # (B, C, 1)
+        per_token = torch.logsumexp(prior + tokens, dim=1)  # (B, T)
+        loglik = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)  # (B,)
+        loss = -loglik.mean()
+        return StepResult(loss=loss, stats={"token_marginal_nll": float(loss.detach())})
+
+
+@hookimpl
+def register_estimators(register) -> None:
+    register("rag_token", RagToken)
