@@ -1,0 +1,268 @@
+"""Retrieval: every index type finds the flat index's top-1; sharded torch_exact equals one rank; a fingerprint
+mismatch is an error; BM25 ranks an exact-term match first; a refresh re-embeds the KB after the passage encoder
+moves, in a unit test and in a training run; `jsarag index info|search` work."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_cli, _free_port
+from jsarag.components import RunContext
+from jsarag.data import Example, load_examples, render_query, split_path
+from jsarag.errors import IndexMismatchError, RecipeError
+from jsarag.kb import load_kb
+from jsarag.passages import (build_or_load, cached_folders, index_dir, last_refresh, parse_refresh, read_meta,
+                             refresh_due)
+from jsarag.types import Batch
+from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
+from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
+from torch_exact_shards import FakeKB, hashed_vectors, query_vectors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """FAISS k-means crawls when its OpenMP threads fight other processes for 2 cores: use one."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _ctx(tmp_path: Path, kb=None, recipe=None) -> RunContext:
+    return RunContext(recipe=recipe, kb=kb, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
+                      device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def easy_set(tmp_path_factory):
+    """2,000 random unit vectors (d=32) on disk, and 100 queries that are slightly moved copies of the first 100."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    path = tmp_path_factory.mktemp("easy") / "vectors.npy"
+    np.save(path, vectors)
+    queries = vectors[:100] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+    return np.load(path, mmap_mode="r"), queries
+
+
+INDEXES = {
+    "flat_fp16": (FaissIndex, FaissOptions(float16=True)),
+    "ivf": (FaissIndex, FaissOptions(type="ivf", nprobe=8)),
+    "hnsw": (FaissIndex, FaissOptions(type="hnsw", ef_search=32)),
+    "hnsw_fp16": (FaissIndex, FaissOptions(type="hnsw", float16=True)),
+    "ivfpq": (FaissIndex, FaissOptions(type="ivfpq", nprobe=16, pq_m=16)),
+    "factory": (FaissIndex, FaissOptions(factory="IVF16,SQ8")),
+    "torch_exact": (TorchExactIndex, TorchExactOptions(block_size=300)),
+    "torch_exact_bf16": (TorchExactIndex, TorchExactOptions(dtype="bfloat16")),
+}
+
+
+@pytest.mark.parametrize("name", INDEXES)
+def test_every_index_type_returns_the_flat_top1(name, easy_set, tmp_path):
+    vectors, queries = easy_set
+    flat = FaissIndex(FaissOptions(), _ctx(tmp_path))
+    flat.build(vectors)
+    expected = flat.search(queries, 5)[1][:, 0]
+    assert (expected == np.arange(100)).all()  # the set is easy: each query's source passage
+
+    cls, options = INDEXES[name]
+    index = cls(options, _ctx(tmp_path))
+    index.build(vectors)
+    assert index.ntotal == len(vectors)
+    scores, rows = index.search(queries, 5)
+    assert rows.shape == scores.shape == (100, 5)
+    np.testing.assert_array_equal(rows[:, 0], expected)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+    index.save(tmp_path)  # and back from disk (the folder holds vectors.npy for torch_exact)
+    np.save(tmp_path / "vectors.npy", np.asarray(vectors))
+    again = cls(options, _ctx(tmp_path))
+    again.load(tmp_path)
+    np.testing.assert_array_equal(again.search(queries, 5)[1][:, 0], expected)
+
+
+def test_search_knobs_are_not_part_of_the_cache_key(tmp_path):
+    fingerprint = lambda **o: FaissIndex(FaissOptions(**o), _ctx(tmp_path)).fingerprint_options()  # noqa: E731
+    assert fingerprint(type="ivf", nprobe=1) == fingerprint(type="ivf", nprobe=64)
+    assert fingerprint(type="hnsw", ef_search=8, device="cpu") == fingerprint(type="hnsw")
+    assert len({fingerprint(), fingerprint(float16=True), fingerprint(type="ivf"), fingerprint(type="ivfpq"),
+                fingerprint(type="ivf", nlist=8), fingerprint(factory="IVF16,SQ8")}) == 6
+
+
+def test_fingerprint_mismatch_is_detected(tiny_data, tmp_path):
+    kb = load_kb(tiny_data / "passages.jsonl")
+    ctx = _ctx(tmp_path, kb)
+    index = FaissIndex(FaissOptions(dir=tmp_path / "indexes"), ctx)
+    vectors = build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
+    built = index.loaded_from
+    assert vectors.shape == (len(kb), 16) and isinstance(vectors, np.memmap)
+    meta = read_meta(built)
+    assert meta["kb"] == kb.fingerprint and meta["encoder"] == "hashed-v1" and meta["index"] == "faiss:flat"
+    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-6)
+
+    build_or_load(ctx, FaissIndex(FaissOptions(dir=tmp_path / "indexes"), ctx), index.folder, "hashed-v2",
+                  hashed_vectors, batch_size=5)
+    assert len(cached_folders(index.folder)) == 2  # another encoder: another folder, a rebuild
+
+    (built / "meta.json").write_text(json.dumps({**meta, "kb": "0" * 64}))  # e.g. a folder copied from elsewhere
+    with pytest.raises(IndexMismatchError, match="index built for another kb"):
+        build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
+    (built / "meta.json").write_text(json.dumps(meta))
+    np.save(built / "vectors.npy", np.zeros((3, 16), np.float32))
+    with pytest.raises(IndexMismatchError, match="3 vectors for a KB of 24 passages"):
+        build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
+
+    beside = index_dir("kb", ctx)
+    assert beside == (tiny_data / ".jsarag-indexes").resolve() and beside.is_dir()
+    assert index_dir(None, ctx) == tmp_path / "cache" / "indexes"
+
+
+def test_refresh_schedule():
+    schedule = parse_refresh("0-1000:500,1000-:1000")
+    assert schedule == [(0, 1000, 500), (1000, None, 1000)]
+    assert [s for s in range(0, 3001) if refresh_due(schedule, s)] == [500, 1000, 2000, 3000]
+    assert last_refresh(schedule, 1999) == 1000 and last_refresh(schedule, 499) == 0
+    for bad in ("0-1000", "10-5:2", "0-:0", "a-b:c"):
+        with pytest.raises(ValueError, match="START-END:EVERY"):
+            parse_refresh(bad)
+
+
+def test_a_bad_refresh_schedule_names_the_key(tiny_recipe):
+    from jsarag.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"index.refresh: .*START-END:EVERY"):
+        load_recipe(tiny_recipe(index={"refresh": "0-100"}))
+
+
+def _example(question: str, answer: str = "") -> Example:
+    return Example(id=question, context=(), question=question, answer=answer, answers=(answer,), gold_passage_ids=())
+
+
+def test_bm25_ranks_an_exact_term_match_first(tmp_path):
+    from jsarag_plugins.retrievers.bm25 import BM25Options, BM25Retriever
+
+    texts = ["Boil the pasta in salted water.", "Roast the peppers until the skin blisters.",
+             "Whisk the eggs with sugar.", "Grate the zucchini and squeeze out the water.", "Simmer the stock."]
+    (tmp_path / "passages.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "title": "", "text": t}) + "\n"
+                                                     for i, t in enumerate(texts)))
+    recipe = SimpleNamespace(data=SimpleNamespace(max_history_turns=0), eval=SimpleNamespace(top_k=3))
+    ctx = _ctx(tmp_path, load_kb(tmp_path / "passages.jsonl"), recipe)
+    ctx.components["estimator"] = SimpleNamespace(needs_posterior=True)
+    retriever = BM25Retriever(BM25Options(top_k=2, posterior_top_k=1), ctx)
+    assert retriever.trainable() == {}
+
+    found = retriever.retrieve(Batch([_example("what about zucchini?")], [0]), train=False)
+    assert found.rows[0, 0] == 3 and found.rows.shape == (1, 3)
+    assert not found.prior_logits.requires_grad
+
+    batch = Batch([_example("how long do I cook it?", "boil the pasta")], [0], extra_rows=[[4]])
+    candidates = retriever.retrieve(batch, train=True)
+    rows = candidates.rows[0].tolist()
+    assert 0 in rows and 4 in rows  # the posterior (x + y) found the pasta; the extra row joined
+    assert candidates.posterior_logits[0, rows.index(0)] == candidates.posterior_logits[0].max()
+
+
+@pytest.mark.launcher
+def test_sharded_torch_exact_over_two_ranks_equals_one_rank(tmp_path):
+    out = tmp_path / "out.json"
+    command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+               str(REPO / "tests" / "torch_exact_shards.py"), "--workdir", str(tmp_path), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and [r["shard"] for r in result["ranks"]] == [51, 50]
+
+    kb = FakeKB()
+    vectors = np.load(Path(result["folder"]) / "vectors.npy")  # embedded by both ranks, half each
+    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-6)
+    single = TorchExactIndex(TorchExactOptions(), _ctx(tmp_path))
+    single.build(vectors)
+    queries = query_vectors()
+    scores, rows = single.search(queries, 5)
+    sharded_rows = result["ranks"][0]["rows"] + result["ranks"][1]["rows"]  # rank 0 asked 7 queries, rank 1 five
+    np.testing.assert_array_equal(np.array(sharded_rows), rows[:12])
+    np.testing.assert_allclose(np.array(result["ranks"][0]["scores"] + result["ranks"][1]["scores"]), scores[:12],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(np.array(result["ranks"][0]["again"]), single.search(queries[12:], 3)[1])
+    np.testing.assert_array_equal(np.array(result["ranks"][1]["again"]), single.search(queries[12:13], 3)[1])
+    exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(rows, exact)
+
+
+@pytest.fixture
+def dense_with_trained_passages(tiny_recipe, tiny_data, tmp_path):
+    """A dense retriever over tiny-bert whose passage encoder trains, refreshed every 2 steps, with BM25 extras."""
+    from jsarag.recipe import load_recipe
+    from jsarag_plugins.retrievers.dense import DenseRetriever
+
+    recipe = load_recipe(tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3, "rescore_pool": 6,
+                                                "bm25_top_k": 2}, index={"refresh": "0-:2"}))
+    kb = load_kb(tiny_data / "passages.jsonl")
+    ctx = _ctx(tmp_path, kb, recipe)
+    ctx.components["index"] = FaissIndex(recipe.index.options, ctx)
+    return DenseRetriever(recipe.retriever.options, ctx)
+
+
+def test_refresh_changes_the_index_after_the_passage_encoder_moves(dense_with_trained_passages, tiny_data):
+    retriever = dense_with_trained_passages
+    kb = retriever.ctx.kb
+    before = np.array(retriever.vectors)
+    assert "passage_encoder" in retriever.trainable()
+    with torch.no_grad():  # stands in for optimizer steps on the passage encoder
+        for p in retriever.passage_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    retriever.on_step_end(step=1, loss=0.0, stats={})  # not on the schedule: the index stays
+    np.testing.assert_array_equal(np.array(retriever.vectors), before)
+    retriever.on_step_end(step=2, loss=0.0, stats={})
+    after = np.array(retriever.vectors)
+    assert retriever.index_step == 2 and read_meta(retriever.live_folder)["step"] == 2
+    assert np.abs(after - before).max() > 1e-2
+    live = retriever._embed_live([kb.render(i) for i in range(len(kb))])
+    np.testing.assert_allclose(after, live, atol=1e-5)
+    top1 = retriever.index.search(live, 1)[1][:, 0]
+    np.testing.assert_array_equal(top1, np.arange(len(kb)))  # the index searches the new vectors
+
+    examples = load_examples(split_path(tiny_data, "train"), kb)
+    batch = Batch(list(examples[:2]), [0, 1])
+    candidates = retriever.retrieve(batch, train=True)
+    bm25_rows = retriever.bm25.top([render_query(ex, 1) for ex in batch.examples], 2)  # the recipe keeps 1 turn
+    for i in range(2):
+        assert set(bm25_rows[i].tolist()) <= set(candidates.rows[i].tolist())
+    candidates.prior_logits[candidates.mask].sum().backward()  # logits carry gradient into the passage encoder
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in retriever.passage_encoder.parameters())
+
+
+def test_a_run_with_a_trained_passage_encoder_refreshes_and_is_searchable(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3, "rescore_pool": 8},
+                         index={"refresh": "0-:2"}, train={"max_steps": 3}, eval={"max_examples": 4})
+    run_cli("train", "--config", str(recipe))
+    live = tmp_path / "run" / "index-live"
+    assert read_meta(live)["step"] == 3  # refreshed at step 2 and at the end of training
+    initial = next(f for f in cached_folders(Path(os.environ["JSARAG_CACHE"]) / "indexes")
+                   if read_meta(f)["encoder"] + "+trained" == read_meta(live)["encoder"])
+    assert np.abs(np.load(live / "vectors.npy") - np.load(initial / "vectors.npy")).max() > 1e-4
+
+    info = run_cli("index", "info", "--config", str(recipe)).stdout
+    assert f"folder         {live}" in info and "step           3" in info and "vectors.npy" in info
+    found = run_cli("index", "search", "--query", "how long should I boil an egg", "-k", "3", "--config", str(recipe),
+                    "eval.batch_size=1").stdout
+    assert found.count(" row ") == 3 and "query: how long should I boil an egg" in found
+
+
+def test_bm25_alone_is_a_fixed_prior_for_jsa(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(retriever={"name": "bm25", "top_k": 4, "posterior_top_k": 4},
+                         estimator={"name": "jsa", "proposals": 8}, train={"max_steps": 2}, eval={"max_examples": 4})
+    run_cli("train", "--config", str(recipe))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final"]["dev"]["recall@10"] >= 0
