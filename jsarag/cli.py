@@ -1,4 +1,4 @@
-"""The ``jsarag`` command: plugins, train, eval, index build; and ``recipe_main`` for recipe scripts.
+"""The ``jsarag`` command: plugins, train, eval, index, bench, compare, diagnose; ``recipe_main`` for recipe scripts.
 
 Every command that runs models works as plain ``python``/``jsarag`` (one process) and under the ``deepspeed``
 launcher (``deepspeed --num_gpus N $(which jsarag) train ...`` or ``deepspeed recipes/<recipe>.py``).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,11 +25,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         _recipe_arguments(sub, required=True)
     index = commands.add_parser("index", help="passage indexes").add_subparsers(dest="action", required=True)
     _recipe_arguments(index.add_parser("build", help="embed the KB and build the recipe's index"), required=True)
+    _recipe_arguments(index.add_parser("info", help="print the index's fingerprint and sizes (built if needed)"),
+                      required=True)
+    search = index.add_parser("search", help="retrieve passages for a query with the recipe's retriever and index")
+    search.add_argument("-q", "--query", required=True, help="the query text")
+    search.add_argument("-k", type=int, default=5, help="passages to print")
+    _recipe_arguments(search, required=True)
+    from jsarag.bench_retrieval import add_arguments as bench_arguments
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    bench_arguments(bench.add_parser("retrieval", help="index build/search throughput and recall@k vs raw FAISS"))
+    diagnose = commands.add_parser("diagnose", help="diagnostics").add_subparsers(dest="action", required=True)
+    grad = diagnose.add_parser("grad-variance", help="each estimator's gradient bias, variance and cost vs exact")
+    grad.add_argument("--estimators", default="rag,vrag,jsa,exact",
+                      help="comma-separated; LABEL:NAME measures one twice, LABEL.key=value sets its options")
+    grad.add_argument("--draws", type=int, default=20, help="independent draws per estimator")
+    grad.add_argument("--out", type=Path, help="JSON report (default: <output_dir>/grad_variance.json)")
+    _recipe_arguments(grad, required=True)
+    compare = commands.add_parser("compare", help="several runs' final metrics side by side (Markdown table)")
+    compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a run")
+    compare.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a bar chart of the metrics")
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
-        "plugins": _plugins, "train": _train, "eval": _eval, "index": _index_build,
+        "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
+        "diagnose": _diagnose,
     }
-    _exit(lambda: handlers[args.command](args), distributed=args.command != "plugins")
+    _exit(lambda: handlers[args.command](args), distributed=args.command not in ("plugins", "compare", "bench"))
 
 
 def recipe_main(default_config: Path, argv: Sequence[str] | None = None) -> None:
@@ -54,6 +76,9 @@ def _exit(command: Callable[[], int], distributed: bool) -> None:
         for note in getattr(exc, "__notes__", []):
             print(f"  {note}", file=sys.stderr)
         code = 2
+    except BaseException:  # a bug or an interrupt: show where, then exit (the finally below skips sys.exit)
+        traceback.print_exc()
+        code = 1
     finally:
         if distributed and "jsarag.engine" in sys.modules:
             from jsarag.engine import shutdown
@@ -72,6 +97,13 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from jsarag.compare import compare
+
+    print(compare(args.runs, args.plot))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from jsarag.loop import train
     from jsarag.recipe import load_recipe
@@ -86,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from jsarag.evaluate import evaluate
+    from jsarag.evaluate import evaluate, write_predictions
     from jsarag.loop import load_latest_weights
     from jsarag.recipe import load_recipe
     from jsarag.run import build_run
@@ -94,18 +126,27 @@ def _eval(args: argparse.Namespace) -> int:
     run = build_run(load_recipe(args.config, args.overrides))
     step = load_latest_weights(run)
     for split in run.eval_sets:
-        metrics = evaluate(run, split)
+        metrics, _, predictions = evaluate(run, split)
+        write_predictions(run, split, step, predictions)
         if run.ctx.rank == 0:
             print(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
 
-def _index_build(args: argparse.Namespace) -> int:
-    from jsarag.recipe import load_recipe
-    from jsarag.run import build_run
+def _index(args: argparse.Namespace) -> int:
+    from jsarag.passages import index_command
 
-    run = build_run(load_recipe(args.config, args.overrides), train=False, kinds=("estimator", "index", "retriever"))
-    index = run.components["index"]
-    if run.ctx.rank == 0:
-        print(f"index ready in {index.folder} for {len(run.ctx.kb)} passages of {run.ctx.kb.path}")
+    return index_command(args.action, args.config, args.overrides, getattr(args, "query", None), getattr(args, "k", 5))
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from jsarag.diagnose import grad_variance
+
+    grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jsarag.bench_retrieval import main as bench_retrieval
+
+    return bench_retrieval(args)

@@ -127,12 +127,13 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
 
 
 def shutdown(code: int = 0) -> None:
-    """End the process cleanly: flush, barrier, destroy the group, then ``os._exit`` (avoids gloo aborts at exit)."""
+    """End the process: flush, barrier (on success), destroy the group, ``os._exit`` (avoids gloo aborts at exit)."""
     sys.stdout.flush()
     sys.stderr.flush()
     if dist.is_initialized():
         try:
-            dist.barrier()
+            if code == 0:  # after a failure a peer may be stuck in a collective: do not wait for it
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # a peer already gone: exit anyway with our own code
             pass

@@ -3,16 +3,29 @@
 the same collective calls under ZeRO-3) and the results gathered."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 import torch
 
+from jsarag.checkpoint import atomic_write
+from jsarag.data import Example
 from jsarag.metrics import generation_metrics, retrieval_metrics
 from jsarag.types import Batch
 
+SAMPLES, SAMPLE_PASSAGES = 3, 3  # examples kept for reports, with this many of their top-ranked passages
 
-def evaluate(run: Any, split: str) -> dict[str, float]:
-    """Evaluate the run's models on (the first ``eval.max_examples`` of) a split; same result on every rank."""
+
+class Evaluation(NamedTuple):
+    """The metrics of a split and a few examples as the models saw them."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]]  # the first SAMPLES examples: question, answers, prediction, retrieved passages
+    predictions: list[dict[str, Any]]  # every example: id, prediction, the ranked passage ids
+
+
+def evaluate(run: Any, split: str) -> Evaluation:
+    """Evaluate the run's models on (the first ``eval.max_examples`` of) a split; the same result on every rank."""
     examples = run.eval_sets[split]
     limit = run.recipe.eval.max_examples
     n = min(len(examples), limit) if limit else len(examples)
@@ -32,7 +45,24 @@ def evaluate(run: Any, split: str) -> dict[str, float]:
     metrics = retrieval_metrics([r["ranked"] for r in ordered], [list(examples[p].gold_passage_ids) for p in range(n)])
     if run.recipe.eval.generate:
         metrics.update(generation_metrics([r["answer"] for r in ordered], [list(examples[p].answers) for p in range(n)]))
-    return metrics
+    predictions = [{"id": examples[p].id, "prediction": r["answer"], "ranked": r["ranked"]} for p, r in enumerate(ordered)]
+    return Evaluation(metrics, [_sample(run, examples[p], ordered[p]) for p in range(min(n, SAMPLES))], predictions)
+
+
+def write_predictions(run: Any, split: str, step: int, predictions: list[dict[str, Any]]) -> None:
+    """Write <output_dir>/predictions/<split>-step<N>.jsonl (rank 0)."""
+    if run.ctx.rank == 0:
+        lines = "".join(json.dumps(p) + "\n" for p in predictions)
+        atomic_write(run.recipe.output_dir / "predictions" / f"{split}-step{step:07d}.jsonl", lines)
+
+
+def _sample(run: Any, example: Example, row: dict[str, Any]) -> dict[str, Any]:
+    """One example for a report: what was asked, the reference, the prediction and the top passages."""
+    kb, gold = run.ctx.kb, set(example.gold_passage_ids)
+    passages = [kb.passage(kb.row(pid)) for pid in row["ranked"][:SAMPLE_PASSAGES]]
+    return {"id": example.id, "question": example.question, "answer": example.answer,
+            "prediction": row["answer"] if run.recipe.eval.generate else None,
+            "retrieved": [{"id": p.id, "title": p.title, "text": p.text, "gold": p.id in gold} for p in passages]}
 
 
 def _evaluate_batch(run: Any, batch: Batch) -> list[tuple[int, dict[str, Any]]]:

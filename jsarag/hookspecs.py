@@ -104,8 +104,8 @@ def on_step_end(step: int, loss: float, stats: dict[str, float]) -> None:
 
 
 @hookspec
-def on_eval_end(step: int, split: str, metrics: dict[str, float]) -> None:
-    """Note the metrics of an evaluation."""
+def on_eval_end(step: int, split: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
+    """Note the metrics of an evaluation and its first examples (question, answer, prediction, retrieved passages)."""
 
 
 @hookspec

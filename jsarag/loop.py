@@ -21,7 +21,7 @@ import torch
 from jsarag import checkpoint
 from jsarag.engine import all_ranks_finite
 from jsarag.errors import TrainingError
-from jsarag.evaluate import evaluate
+from jsarag.evaluate import evaluate, write_predictions
 from jsarag.run import Run
 from jsarag.types import Batch, ScoreRequest, StepResult
 
@@ -138,8 +138,9 @@ def _reduce_mean(losses: list[float], stats: list[dict[str, float]]) -> tuple[fl
 def _evaluate(run: Run, state: LoopState) -> None:
     record: dict[str, Any] = {"step": state.step}
     for split in run.eval_sets:
-        record[split] = evaluate(run, split)
-        run.call("on_eval_end", step=state.step, split=split, metrics=record[split])
+        record[split], samples, predictions = evaluate(run, split)
+        write_predictions(run, split, state.step, predictions)
+        run.call("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
     state.history.append(record)
     write_metrics(run, state)
 

@@ -116,7 +116,7 @@ class Recipe(Section):
     index: ComponentSpec
     generator: ComponentSpec
     estimator: ComponentSpec
-    observers: list[str] = ["progress", "jsonl_log"]
+    observers: list[str] = ["progress", "jsonl_log", "report"]
     """Observer plugins that watch the run."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -78,6 +78,13 @@ def chain_weights(states: torch.Tensor, width: int, use: str) -> torch.Tensor:
     return counts / chosen.shape[1]
 
 
+def gold_share(batch: Batch, candidates: Candidates, weights: torch.Tensor, kb) -> float:
+    """Mean chain weight on the examples' gold passages: a monitor only (gold ids never steer training)."""
+    gold = [{kb.row(g) for g in ex.gold_passage_ids if kb.has(g)} for ex in batch.examples]
+    hits = torch.tensor([[row in gold[i] for row in rows] for i, rows in enumerate(candidates.rows.tolist())])
+    return float((weights * hits).sum(-1).mean())
+
+
 class Jsa(Component):
     """JSA-RAG: MIS over the candidate set with the posterior as proposal; trains generator, prior and posterior."""
 
@@ -130,7 +137,10 @@ class Jsa(Component):
         weights = weights.to(log_p.device)
         loss = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q)).mean()
         self._remember(batch, candidates, states[:, -1])
-        return StepResult(loss=loss, stats=self._stats(batch, request, states, accepted, weights))
+        stats = self._stats(batch, request, states, accepted, weights)
+        if self.ctx is not None:
+            stats["chain_gold"] = gold_share(batch, candidates, weights.cpu(), self.ctx.kb)
+        return StepResult(loss=loss, stats=stats)
 
     def _remember(self, batch: Batch, candidates: Candidates, last: torch.Tensor) -> None:
         """Write each example's last state to the cache, on every rank (an example may go to any rank next time)."""

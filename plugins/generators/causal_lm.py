@@ -6,10 +6,11 @@ ends at the last position, and only the last A+1 positions' logits are computed 
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jsarag import hookimpl
@@ -18,11 +19,28 @@ from jsarag.data import render_history
 from jsarag.errors import ModelError
 from jsarag.models import resolve_model
 from jsarag.types import Batch, Candidates, ScoreRequest, Scores
+from jsarag_plugins.generators.decoding import greedy
 
 PROMPT = (
     "Give a short answer to the Question based on relevant information given in Input.\n"
     "Input: {passage}\n{history}Question: {question}\nAnswer:"
 )
+
+
+class LoraOptions(BaseModel):
+    """Low-rank adapters (peft) in place of full fine-tuning."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    r: int = Field(8, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(16, ge=1)
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules that get adapters (peft's names; all-linear = every linear projection but the head)."""
+    last_layers: int | None = Field(None, ge=1)
+    """Adapt only the last N transformer layers: the backward pass stops there (cheaper); null = all layers."""
 
 
 class CausalLMOptions(Options):
@@ -42,8 +60,19 @@ class CausalLMOptions(Options):
     """Padded tokens per scoring forward: pairs are micro-batched to stay under it."""
     max_new_tokens: int = Field(32, ge=1)
     """Greedy decoding length at evaluation."""
-    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
-    """Weights' dtype (auto: bfloat16 where the GPU supports it)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "auto"
+    """Weights' dtype (auto: bfloat16 where the GPU supports it, else float32)."""
+    lora: LoraOptions | None = None
+    """Train low-rank adapters (e.g. {r: 8, alpha: 16}) instead of every weight; null = full fine-tuning."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
+    decode: Literal["top1", "joint", "concat"] = "joint"
+    """Evaluation decoding: top passage only; one answer per top-k passage chosen by log p̃(h|x) + log p(ŷ|x,h);
+    or the top-k passages concatenated in one prompt."""
+    decode_k: int = Field(3, ge=1)
+    """Passages used by joint and concat decoding."""
+    decode_score: Literal["sum", "mean"] = "mean"
+    """log p(ŷ|x,h) in the joint score: summed over tokens or per token (sum favours short answers)."""
     trust_remote_code: bool = False
     """Run code shipped in the model folder (off unless the recipe says so)."""
 
@@ -64,9 +93,14 @@ class CausalLM(Component):
             self.model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=self._dtype(), trust_remote_code=options.trust_remote_code
             ).to(ctx.device)
+        if options.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if options.lora is not None:
+            self.model = _with_lora(self.model, options.lora)
         prefix, self.suffix = _split_template(options.prompt)
         self.prefix_ids = self._ids(prefix)
         self.truncated = {"passages": 0, "answers": 0}
+        self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (`jsarag diagnose`)
 
     def _dtype(self) -> torch.dtype:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -77,13 +111,12 @@ class CausalLM(Component):
 
     # -- prompts ------------------------------------------------------------------------------------------------------
 
-    def prompt_ids(self, batch: Batch, example: int, row: int) -> list[int]:
-        """Token ids of the prompt for one (example, passage) pair."""
+    def prompt_ids(self, batch: Batch, example: int, rows: int | list[int]) -> list[int]:
+        """Token ids of the prompt for an example and one passage (or several, concatenated)."""
         ex = batch.examples[example]
-        passage = self._ids(self.ctx.kb.render(row))
-        if len(passage) > self.options.max_passage_tokens:
-            passage = passage[: self.options.max_passage_tokens]
-            self.truncated["passages"] += 1
+        rows = [rows] if isinstance(rows, int) else rows
+        budget = self.options.max_passage_tokens // len(rows)
+        passage = [t for i, row in enumerate(rows) for t in (self.newline if i else []) + self._passage_ids(row, budget)]
         history = render_history(ex, self.ctx.recipe.data.max_history_turns)
         suffix = self._ids(self.suffix.format(history=history + "\n" if history else "", question=ex.question))
         room = self.options.max_prompt_tokens - len(self.prefix_ids) - len(passage)
@@ -99,6 +132,18 @@ class CausalLM(Component):
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @functools.lru_cache(maxsize=65536)
+    def _passage_ids(self, row: int, budget: int) -> list[int]:
+        """A passage's token ids, truncated to ``budget`` (counted once per passage)."""
+        ids = self._ids(self.ctx.kb.render(row))
+        if len(ids) > budget:
+            self.truncated["passages"] += 1
+        return ids[:budget]
+
+    @functools.cached_property
+    def newline(self) -> list[int]:
+        return self._ids("\n")
 
     # -- scoring ------------------------------------------------------------------------------------------------------
 
@@ -133,6 +178,8 @@ class CausalLM(Component):
         width, span = max(map(len, seqs)), int(answer_len.max())
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.ctx.device)  # (n, L)
+        self.tokens_scored += input_ids.numel()
+        self.tokens_with_grad += input_ids.numel() if torch.is_grad_enabled() else 0
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.ctx.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
@@ -146,19 +193,27 @@ class CausalLM(Component):
 
     @hookimpl
     def generate(self, batch: Batch, candidates: Candidates) -> list[str]:
-        """Greedy answer per example from the prior's top passage."""
-        prompts = [self.prompt_ids(batch, e, int(candidates.rows[e, 0])) for e in range(len(batch))]
-        width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.ctx.device)
-        attention = (torch.arange(width).unsqueeze(0) >= torch.tensor([width - len(p) for p in prompts]).unsqueeze(1))
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention.long().to(self.ctx.device), do_sample=False,
-                max_new_tokens=self.options.max_new_tokens, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
-                synced_gpus=self.ctx.zero_stage == 3 and self.ctx.world_size > 1,
-            )
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+        """One greedy answer per example, by the recipe's decoding mode."""
+        k = min(self.options.decode_k, candidates.rows.shape[1])
+        synced = self.ctx.zero_stage == 3 and self.ctx.world_size > 1
+        decode = functools.partial(greedy, self.model, self.tokenizer, max_new_tokens=self.options.max_new_tokens,
+                                   synced_gpus=synced)
+        if self.options.decode == "top1":
+            return decode([self.prompt_ids(batch, e, int(candidates.rows[e, 0])) for e in range(len(batch))]).texts
+        if self.options.decode == "concat":
+            top = [[r for r in candidates.rows[e, :k].tolist() if r >= 0] for e in range(len(batch))]
+            return decode([self.prompt_ids(batch, e, rows) for e, rows in enumerate(top)]).texts
+        return self._joint(batch, candidates, k, decode)
+
+    def _joint(self, batch: Batch, candidates: Candidates, k: int, decode) -> list[str]:
+        """Decode per top-k passage; keep the answer with the best log p̃(h|x) + log p(ŷ|x,h)."""
+        prompts = [self.prompt_ids(batch, e, max(int(candidates.rows[e, j]), 0)) for e in range(len(batch)) for j in range(k)]
+        decoded = decode(prompts)
+        prior = candidates.prior_log_probs()[:, :k].detach().float().cpu()  # (B, k) over the ranked list
+        joint = prior + decoded.score(self.options.decode_score).view(len(batch), k)  # (B, k)
+        joint = joint.masked_fill(~candidates.mask[:, :k].cpu(), float("-inf"))
+        best = joint.argmax(-1).tolist()
+        return [decoded.texts[e * k + j] for e, j in enumerate(best)]
 
 
 def _split_template(template: str) -> tuple[str, str]:
@@ -188,6 +243,22 @@ def _concat(chunks, n: int) -> Scores:
         logprobs = logprobs.index_put((rows,), torch.nn.functional.pad(lp, (span - lp.shape[1], 0)))
         mask[rows] = torch.nn.functional.pad(m, (span - m.shape[1], 0))
     return Scores(token_logprobs=logprobs, token_mask=mask)
+
+
+def _with_lora(model, lora: LoraOptions):
+    """Wrap a model with peft LoRA adapters: only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    layers, targets = None, lora.target_modules
+    if lora.last_layers is not None:
+        total = model.config.num_hidden_layers
+        layers = list(range(max(0, total - lora.last_layers), total))
+        if targets == "all-linear":  # peft needs explicit names together with layers_to_transform
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        layers_to_transform=layers, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
 
 
 @hookimpl

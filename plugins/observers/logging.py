@@ -28,29 +28,35 @@ class Progress(Component):
         super().__init__(options, ctx)
         self.bar: tqdm | None = None
         self.tty = sys.stderr.isatty()
-        self.last = time.perf_counter()
+        self.last = self.start = time.perf_counter()
+        self.start_step = 0
 
     @hookimpl
     def on_train_start(self, start_step: int, max_steps: int) -> None:
         if self.ctx.rank == 0 and self.tty:
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self.last = time.perf_counter()
+        self.last = self.start = time.perf_counter()
+        self.start_step = start_step
 
     @hookimpl
     def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
         if self.ctx.rank != 0:
             return
-        now, elapsed = time.perf_counter(), time.perf_counter() - self.last
+        cfg, now = self.ctx.recipe.train, time.perf_counter()
+        stop, elapsed = min(cfg.max_steps, cfg.stop_at or cfg.max_steps), now - self.last
         self.last = now
         shown = {"loss": f"{loss:.4f}", **{k: f"{stats[k]:.3g}" for k in SHOWN if k in stats}, "s/step": f"{elapsed:.2f}"}
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        elif step % self.ctx.recipe.train.log_every == 0 or step == self.ctx.recipe.train.max_steps:
-            log.info("step %d/%d %s", step, self.ctx.recipe.train.max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
+        elif step % cfg.log_every == 0 or step == stop:
+            eta = (now - self.start) / (step - self.start_step) * (stop - step)  # evaluations included
+            shown["eta"] = tqdm.format_interval(eta)
+            log.info("step %d/%d %s", step, cfg.max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
 
     @hookimpl
     def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        self.last = time.perf_counter()  # the next step's time leaves the evaluation out
         if self.ctx.rank == 0:
             text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             (self.bar.write if self.bar is not None else log.info)(f"eval step {step} {split}: {text}")

@@ -1,0 +1,478 @@
+"""``jsarag diagnose grad-variance``: each estimator's gradient against the exact one, for one model state and batch.
+
+The recipe's models are built as they are (no training step, no DeepSpeed engine) and put in eval mode (no dropout),
+and one batch is fixed: the first ``train.batch_size`` examples of the train split. The ``exact`` estimator gives the
+reference gradient g of ``-log p(y|x)`` over the whole KB (plus the inclusive KL for the posterior). Each estimator
+under study runs N independent draws (``torch.manual_seed(train.seed + draw)``, its state reset, so a sampler's
+cache starts empty each time) through the same hook points as a training step (``jsarag.loop._micro_step``), and its
+gradient g_i is taken with plain autograd for each trainable module (``generator``, ``prior``, ``posterior``, ...):
+
+    bias              = ‖mean_i g_i - g‖ / ‖g‖      (Monte-Carlo noise adds about bias_noise_floor = sqrt(rel. var / N))
+    relative_variance = Σ_i ‖g_i - mean g‖² / (N - 1) / ‖g‖²
+    cost_tokens       = padded tokens through the generator per draw (forwards with and without gradient)
+
+Candidate sets: ``exact`` scores every passage (``candidates: all``). Every other estimator is measured under the
+recipe's own ``retriever.candidates`` mode, as it would train: one without ``needs_posterior`` (rag) sees the prior's
+top-k only; one with it (vrag, jsa) the union with the posterior's top-k. ``retriever.candidates=all`` measures all of
+them over the whole KB (the estimators' own bias, without truncation). rag and vrag optimise other objectives than
+``log p(y|x)`` (the top-K marginal, the ELBO): their bias is by design, and reported as such.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from jsarag.components import Component, Options
+from jsarag.data import Example, default_data_dir, load_examples, split_path
+from jsarag.errors import DataError, RecipeError
+from jsarag.kb import load_kb
+from jsarag.plugins import Plugins
+from jsarag.recipe import ComponentSpec, Recipe, load_recipe
+from jsarag.types import Batch
+
+if TYPE_CHECKING:
+    from jsarag.run import Run
+
+REFERENCE = "exact"
+TARGETS = {  # what each built-in estimator's gradient estimates, and so which bias against the exact one to expect
+    "exact": "the reference: -log p(y|x) over all of K, inclusive KL(p(h|x,y) ‖ q) for the posterior",
+    "rag": "the top-K marginal -log Σ_{h∈top-K} p̃(h|x) p(y|x,h), another objective: bias against the exact "
+           "gradient is by design (passages outside the top-K are ignored); the posterior is not trained",
+    "rag_token": "the per-token top-K marginal, another objective: bias is by design; the posterior is not trained",
+    "vrag": "the ELBO over the posterior's top-K (a lower bound; q follows the exclusive KL), another objective: "
+            "bias is by design",
+    "jsa": "the exact gradients (marginal likelihood, inclusive KL) over its candidate set, by a finite MIS chain: "
+           "bias only from candidates outside that set and from the chain's start (no burn-in), shrinking with m",
+}
+Groups = dict[str, list[torch.nn.Parameter]]  # trainable module name -> its parameters that need gradient
+
+
+@dataclass(frozen=True)
+class Study:
+    """One estimator to measure: its label in the report, its registered name, its validated options."""
+
+    label: str
+    name: str
+    options: Options
+
+
+@dataclass
+class Moments:
+    """Running mean and summed squared deviation (Welford) of one gradient vector over draws."""
+
+    n: int = 0
+    mean: torch.Tensor | None = None  # (P,) float64
+    m2: float = 0.0  # Σ_i ‖g_i - mean‖²
+    norm_sum: float = 0.0  # Σ_i ‖g_i‖
+
+    def add(self, grad: torch.Tensor) -> None:
+        """Fold in one draw's gradient (P,) float64."""
+        self.n += 1
+        self.mean = torch.zeros_like(grad) if self.mean is None else self.mean
+        delta = grad - self.mean
+        self.mean += delta / self.n
+        self.m2 += float(delta @ (grad - self.mean))
+        self.norm_sum += float(grad.norm())
+
+
+@dataclass
+class Measured:
+    """What N draws of one estimator gave."""
+
+    moments: dict[str, Moments]
+    tokens: list[int] = field(default_factory=list)  # generator tokens per draw
+    tokens_with_grad: list[int] = field(default_factory=list)  # of which in forwards that carry gradient
+    seconds: list[float] = field(default_factory=list)
+    stats: list[dict[str, float]] = field(default_factory=list)  # the estimator's own step statistics
+    candidates_per_example: float = 0.0
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws: int, out: Path | None) -> dict:
+    """Measure each estimator's gradient bias, variance and cost; write the JSON report and print a Markdown table."""
+    if draws < 2:
+        raise RecipeError(f"--draws {draws}: the variance needs at least 2 draws")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("diagnose grad-variance runs in one process: launch it without `deepspeed --num_gpus`")
+    plugins = Plugins()
+    pairs = parse_estimators(estimators)
+    recipe_overrides, given = split_overrides(overrides, [label for label, _ in pairs])
+    recipe = load_recipe(config, recipe_overrides, plugins)
+    studies = [Study(label, name, estimator_options(name, label, given[label], recipe, plugins))
+               for label, name in pairs]
+    reference = next((s for s in studies if s.name == REFERENCE), None) or \
+        Study(REFERENCE, REFERENCE, estimator_options(REFERENCE, REFERENCE, {}, recipe, plugins))
+    check_kb_size(recipe, reference.options)
+    report = study_run(recipe, reference, studies, draws)
+    path = out or recipe.output_dir / "grad_variance.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
+    print(markdown(report))
+    print(f"\nwritten to {path}")
+    return report
+
+
+def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int) -> dict:
+    """Build the run once, take the exact gradient, measure every study; return the report."""
+    from jsarag.run import build_run
+
+    run = build_run(reference_recipe(recipe, reference.options), train=False)
+    groups = trainable_groups(run)
+    examples = fixed_batch(recipe, run)
+    mode = recipe.retriever.options.candidates
+    exact = measure(run, run.components["estimator"], REFERENCE, examples, groups, 1, "all", recipe.train.seed)
+    gradient = {name: m.mean for name, m in exact.moments.items()}
+    results = {}
+    for study in studies:
+        estimator = run.plugins.component("estimator", study.name).cls(study.options, run.ctx)
+        study_mode = "all" if study.name == REFERENCE else mode
+        measured = measure(run, estimator, study.name, examples, groups, draws, study_mode, recipe.train.seed)
+        results[study.label] = summarise(study, measured, gradient, describe_mode(run, study_mode, estimator))
+        results[study.label]["target"] += likelihood_note(study, reference)
+    settings = describe_settings(recipe, run, reference, examples, groups, draws, exact)
+    return {"settings": settings, "exact_norms": {g: float(v.norm()) for g, v in gradient.items()},
+            "estimators": results}
+
+
+# -- parsing --------------------------------------------------------------------------------------------------------
+
+def parse_estimators(text: str) -> list[tuple[str, str]]:
+    """Split ``rag,vrag_mc:vrag,jsa`` into (label, estimator name) pairs; ``label:name`` measures a name twice."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            label, _, name = item.rpartition(":")
+            pairs.append((label.strip() or name.strip(), name.strip()))
+    if not pairs:
+        raise RecipeError("--estimators: name at least one estimator, e.g. --estimators rag,vrag,jsa,exact")
+    labels = [label for label, _ in pairs]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise RecipeError(f"--estimators: '{label}' appears twice; label repeats as LABEL:NAME (vrag_mc:vrag)")
+        if label in Recipe.model_fields:
+            raise RecipeError(f"--estimators: the label '{label}' is a recipe section; pick another (LABEL:NAME)")
+    return pairs
+
+
+def split_overrides(overrides: Sequence[str], labels: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Separate recipe overrides from estimator options (``LABEL.key=value``, the value parsed as YAML)."""
+    recipe_overrides: list[str] = []
+    options: dict[str, dict[str, Any]] = {label: {} for label in labels}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        head, _, rest = key.strip().partition(".")
+        if not (sep and head in options and rest):
+            recipe_overrides.append(item)
+            continue
+        try:
+            options[head][rest] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"option '{item}': the value is not valid YAML: {exc}") from None
+    return recipe_overrides, options
+
+
+def estimator_options(name: str, label: str, given: dict[str, Any], recipe: Recipe, plugins: Plugins) -> Options:
+    """The recipe's options when it uses this estimator (else defaults), its likelihood, then ``LABEL.key`` options."""
+    schema = plugins.component("estimator", name).cls.Options
+    values = recipe.estimator.options.model_dump(exclude_unset=True) if recipe.estimator.name == name else {}
+    if "likelihood" in schema.model_fields:
+        values.setdefault("likelihood", likelihood_of(recipe))
+    values.update(given)
+    try:
+        return schema.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join([label, *map(str, err["loc"])])
+        if err["type"] == "extra_forbidden":
+            raise RecipeError(f"{key}: unknown option of estimator '{name}' (valid: "
+                              f"{', '.join(sorted(schema.model_fields)) or 'none'})") from None
+        raise RecipeError(f"{key}: {err['msg']}, got {err.get('input')!r}") from None
+
+
+def likelihood_note(study: Study, reference: Study) -> str:
+    """A warning when an estimator scores answers with another likelihood than the exact reference."""
+    mine, exact = getattr(study.options, "likelihood", None), getattr(reference.options, "likelihood", "sum")
+    if mine is None or mine == exact:
+        return ""
+    return f" (NB: likelihood {mine} against the reference's {exact}: another objective, bias expected)"
+
+
+def likelihood_of(recipe: Recipe) -> str:
+    """The recipe estimator's generator likelihood ('sum' or 'mean'), shared by every estimator measured."""
+    return str(getattr(recipe.estimator.options, "likelihood", "sum"))
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+def check_kb_size(recipe: Recipe, exact_options: Options) -> None:
+    """Refuse, before building anything, a KB too large for the exact gradient."""
+    kb = load_kb(split_path(recipe.data.dir or default_data_dir(), "passages"))
+    limit = getattr(exact_options, "max_passages", None)
+    if limit is not None and len(kb) > limit:
+        raise RecipeError(
+            f"diagnose grad-variance compares with the exact gradient, which scores every passage for every example: "
+            f"the KB {kb.path} has {len(kb)} passages > exact.max_passages={limit}; point data.dir at a small KB "
+            f"(a few dozen passages) or raise the bound with exact.max_passages={len(kb)}"
+        )
+
+
+def reference_recipe(recipe: Recipe, exact_options: Options) -> Recipe:
+    """The recipe with the exact estimator (so the retriever builds a posterior) and every passage a candidate."""
+    retriever = recipe.retriever.options
+    if "candidates" not in type(retriever).model_fields:
+        raise RecipeError(f"retriever '{recipe.retriever.name}' has no `candidates: all` mode; diagnose grad-variance "
+                          "needs one to score the whole KB (use the dense retriever)")
+    every_passage = retriever.model_copy(update={"candidates": "all"})
+    return recipe.model_copy(update={"estimator": ComponentSpec(name=REFERENCE, options=exact_options),
+                                     "retriever": ComponentSpec(name=recipe.retriever.name, options=every_passage)})
+
+
+def trainable_groups(run: Run) -> Groups:
+    """Every trainable module's parameters by module name, all modules in eval mode (no dropout)."""
+    groups: Groups = {}
+    for component in run.components.values():
+        for name, trainable in component.trainable().items():
+            trainable.module.eval()
+            params = [p for p in trainable.module.parameters() if p.requires_grad]
+            if params:
+                groups[name] = params
+    if not groups:
+        raise RecipeError("nothing to measure: every component has learning rate 0")
+    return groups
+
+
+def fixed_batch(recipe: Recipe, run: Run) -> list[Example]:
+    """The first ``train.batch_size`` examples of the train split."""
+    data_dir = recipe.data.dir or default_data_dir()
+    examples = load_examples(split_path(data_dir, recipe.data.train_split), run.ctx.kb,
+                             drop_unanswerable=recipe.data.drop_unanswerable, on_error=recipe.data.on_error)
+    size = recipe.train.batch_size
+    if len(examples) < size:
+        raise DataError(f"{examples.path}: {len(examples)} examples cannot fill a batch of train.batch_size={size}")
+    return list(examples[:size])
+
+
+@contextlib.contextmanager
+def estimator_in_run(run: Run, estimator: Component, name: str) -> Iterator[None]:
+    """Make ``estimator`` the run's estimator (in its hook calls and components) for the duration."""
+    previous = run.components["estimator"]
+    previous_name = run.plugins.pm.get_name(previous)
+    run.plugins.pm.unregister(name=previous_name)
+    run.plugins.join(estimator, "estimator", name)
+    run.components["estimator"] = run.ctx.components["estimator"] = estimator
+    try:
+        yield
+    finally:
+        run.plugins.pm.unregister(name=f"estimator:{name}")
+        run.plugins.pm.register(previous, name=previous_name)
+        run.components["estimator"] = run.ctx.components["estimator"] = previous
+
+
+@contextlib.contextmanager
+def candidate_mode(retriever: Component, mode: str, posterior: bool) -> Iterator[None]:
+    """Let the retriever propose ``mode`` candidates, with the posterior's only when the estimator needs one."""
+    saved = {attr: getattr(retriever, attr) for attr in ("posterior", "with_posterior") if hasattr(retriever, attr)}
+    previous_mode = retriever.options.candidates
+    retriever.options.candidates = mode
+    if not posterior:  # as in a run of this estimator, where the retriever builds no posterior (dense, bm25)
+        for attr in saved:
+            setattr(retriever, attr, None if attr == "posterior" else False)
+    try:
+        yield
+    finally:
+        retriever.options.candidates = previous_mode
+        for attr, value in saved.items():
+            setattr(retriever, attr, value)
+
+
+# -- measuring ------------------------------------------------------------------------------------------------------
+
+def measure(run: Run, estimator: Component, name: str, examples: list[Example], groups: Groups, draws: int,
+            mode: str, seed: int) -> Measured:
+    """Run ``draws`` independent micro-steps of ``estimator`` and fold their gradients into moments."""
+    measured = Measured(moments={group: Moments() for group in groups})
+    initial = estimator.state_dict()
+    generator = run.components["generator"]
+    posterior = bool(getattr(estimator, "needs_posterior", False))
+    with estimator_in_run(run, estimator, name), candidate_mode(run.components["retriever"], mode, posterior):
+        measured.candidates_per_example = candidate_count(run, examples)
+        for draw in range(draws):
+            estimator.load_state_dict(initial)
+            torch.manual_seed(seed + draw)
+            tokens, start = token_counts(generator), time.perf_counter()
+            grads, stats = draw_gradient(run, examples, groups)
+            measured.seconds.append(time.perf_counter() - start)
+            after = token_counts(generator)
+            measured.tokens.append(after[0] - tokens[0])
+            measured.tokens_with_grad.append(after[1] - tokens[1])
+            measured.stats.append(stats)
+            for group, grad in grads.items():
+                measured.moments[group].add(grad)
+    return measured
+
+
+def draw_gradient(run: Run, examples: list[Example], groups: Groups) -> tuple[dict[str, torch.Tensor], dict]:
+    """One micro-step's loss through the four hooks; each group's gradient flattened (float64, CPU), the stats."""
+    from jsarag.loop import _micro_step
+
+    result = _micro_step(run, Batch(examples=list(examples), positions=list(range(len(examples)))))
+    params = [p for group in groups.values() for p in group]
+    if result.loss.requires_grad:
+        grads = torch.autograd.grad(result.loss, params, allow_unused=True)
+    else:
+        grads = (None,) * len(params)
+    flat, start = {}, 0
+    for name, group in groups.items():
+        parts = [torch.zeros(p.numel()) if g is None else g.detach().reshape(-1).cpu()
+                 for p, g in zip(group, grads[start : start + len(group)])]
+        flat[name], start = torch.cat(parts).double(), start + len(group)
+    return flat, dict(result.stats)
+
+
+def token_counts(generator: Component) -> tuple[int, int]:
+    """Padded tokens the generator has scored so far: in all, and in forwards with gradient (0, 0 if not counted)."""
+    return getattr(generator, "tokens_scored", 0), getattr(generator, "tokens_with_grad", 0)
+
+
+@torch.no_grad()
+def candidate_count(run: Run, examples: list[Example]) -> float:
+    """Mean number of candidate passages per example in the current mode."""
+    candidates = run.call("retrieve", batch=Batch(list(examples), list(range(len(examples)))), train=True)
+    return float(candidates.mask.sum(-1).float().mean())
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+
+def summarise(study: Study, measured: Measured, exact: dict[str, torch.Tensor], candidates: str) -> dict:
+    """The report entry of one estimator: per group bias, relative variance, norms and cost."""
+    cost = mean(measured.tokens) if any(measured.tokens) else None
+    stats = {k: mean([s[k] for s in measured.stats if k in s]) for k in sorted({k for s in measured.stats for k in s})}
+    return {
+        "estimator": study.name,
+        "options": study.options.model_dump(mode="json"),
+        "target": TARGETS.get(study.name, "see the estimator plugin's documentation"),
+        "candidates": candidates,
+        "candidates_per_example": measured.candidates_per_example,
+        "cost_tokens": cost,
+        "cost_tokens_with_grad": mean(measured.tokens_with_grad) if cost is not None else None,
+        "seconds_per_draw": mean(measured.seconds),
+        "stats": stats,
+        "groups": {g: group_summary(m, exact[g], cost) for g, m in measured.moments.items()},
+    }
+
+
+def group_summary(moments: Moments, exact: torch.Tensor, cost: float | None) -> dict[str, Any]:
+    """Bias, its Monte-Carlo noise floor, relative variance, cosine and norms of one group's gradient."""
+    exact_norm, mean_norm = float(exact.norm()), float(moments.mean.norm())
+    variance = max(moments.m2, 0.0) / (moments.n - 1)
+    scale = exact_norm if exact_norm > 0 else math.nan
+    bias, noise = float((moments.mean - exact).norm()) / scale, math.sqrt(variance / moments.n) / scale
+    return {
+        "bias": bias,
+        "bias_noise_floor": noise,
+        "bias_corrected": math.sqrt(max(bias**2 - noise**2, 0.0)),
+        "relative_variance": variance / scale**2,
+        "cosine": float(moments.mean @ exact) / (mean_norm * scale) if mean_norm > 0 else None,
+        "grad_norm_mean": moments.norm_sum / moments.n,
+        "mean_grad_norm": mean_norm,
+        "exact_norm": exact_norm,
+        "cost_tokens": cost,
+        "trained": mean_norm > 0 or variance > 0,
+    }
+
+
+def describe_mode(run: Run, mode: str, estimator: Component) -> str:
+    """The candidate set an estimator is measured over, in words."""
+    if mode == "all":
+        return f"all {len(run.ctx.kb)} passages"
+    options = run.components["retriever"].options
+    text = f"prior top-{getattr(options, 'top_k', '?')}"
+    if getattr(estimator, "needs_posterior", False):
+        text += f" ∪ posterior top-{getattr(options, 'posterior_top_k', '?')}"
+    return text
+
+
+def describe_settings(recipe: Recipe, run: Run, reference: Study, examples: list[Example], groups: Groups,
+                      draws: int, exact: Measured) -> dict[str, Any]:
+    """The settings a reader needs to reproduce and interpret the numbers."""
+    return {
+        "recipe_source": recipe.source,
+        "batch_size": len(examples),
+        "example_ids": [ex.id for ex in examples],
+        "draws": draws,
+        "seed": recipe.train.seed,
+        "kb_size": len(run.ctx.kb),
+        "kb": str(run.ctx.kb.path),
+        "likelihood": getattr(reference.options, "likelihood", "sum"),
+        "recipe_candidates": recipe.retriever.options.candidates,
+        "reference": {"estimator": REFERENCE, "candidates": f"all {len(run.ctx.kb)} passages",
+                      "cost_tokens": mean(exact.tokens) or None, "stats": exact.stats[0]},
+        "groups": {name: sum(p.numel() for p in params) for name, params in groups.items()},
+        "device": str(run.ctx.device),
+        "method": [
+            "one model state (the recipe's models as built, eval mode: no dropout) and one batch (the first "
+            "train.batch_size examples of the train split)",
+            "exact: every passage a candidate; other estimators: the recipe's retriever.candidates mode, with the "
+            "posterior's candidates only for estimators that need a posterior (as in a run of that estimator)",
+            "draw d seeds torch with train.seed + d and starts from the estimator's initial state (an empty cache)",
+            "gradients by torch.autograd.grad per trainable module; variance with N - 1 in the denominator",
+        ],
+        "definitions": {
+            "bias": "‖mean g - g_exact‖ / ‖g_exact‖ (includes Monte-Carlo noise of about bias_noise_floor)",
+            "bias_noise_floor": "sqrt(variance / draws) / ‖g_exact‖: the bias an unbiased estimator shows by chance",
+            "bias_corrected": "sqrt(max(bias² - bias_noise_floor², 0)): the bias with the Monte-Carlo part removed",
+            "relative_variance": "Σ ‖g_i - mean g‖² / (draws - 1) / ‖g_exact‖²",
+            "cosine": "cos(mean g, g_exact)",
+            "grad_norm_mean": "mean over draws of ‖g_i‖",
+            "cost_tokens": "padded tokens through the generator per draw (forwards with and without gradient)",
+            "cost_tokens_with_grad": "of cost_tokens, those in forwards that carry gradient (a backward follows)",
+        },
+    }
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table, with what each estimator's gradient estimates below it."""
+    s = report["settings"]
+    lines = [
+        f"Gradient bias and variance against `exact` ({s['kb_size']} passages, batch {s['batch_size']}, "
+        f"{s['draws']} draws, likelihood {s['likelihood']}, seed {s['seed']}; exact costs "
+        f"{_num(s['reference']['cost_tokens'])} tokens). bias = ‖E g − g_exact‖/‖g_exact‖; noise = its Monte-Carlo "
+        "part sqrt(var/N)/‖g_exact‖; corrected = sqrt(bias² − noise²); rel. var = E‖g − E g‖²/‖g_exact‖².",
+        "",
+        "| estimator | group | candidates | bias | noise | corrected | rel. var | cosine | mean ‖g‖ | ‖g_exact‖ "
+        "| tokens/draw (grad) | s/draw |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in report["estimators"].items():
+        tokens = f"{_num(entry['cost_tokens'])} ({_num(entry['cost_tokens_with_grad'])})"
+        for group, g in entry["groups"].items():
+            keys = ("bias", "bias_noise_floor", "bias_corrected", "relative_variance", "cosine")
+            values = [_num(g[k]) for k in keys] if g["trained"] else ["not trained", "", "", "", ""]
+            lines.append(f"| {label} | {group} | {entry['candidates']} ({entry['candidates_per_example']:.1f}) | "
+                         + " | ".join(values) + f" | {_num(g['grad_norm_mean'])} | {_num(g['exact_norm'])} | "
+                         f"{tokens} | {entry['seconds_per_draw']:.2f} |")
+    lines.append("")
+    lines += [f"- {label}: {entry['target']}" for label, entry in report["estimators"].items()]
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+def mean(values: Sequence[float]) -> float:
+    """The arithmetic mean (0 for no values)."""
+    return float(sum(values) / len(values)) if values else 0.0
