@@ -7,20 +7,15 @@ from __future__ import annotations
 import torch
 
 from jsarag import hookimpl
-from jsarag.components import Component, Options
+from jsarag.components import Options
 from jsarag.types import Batch, Candidates, ScoreRequest, Scores, StepResult
+from jsarag_plugins.estimators.rag import Rag
 
 
-class RagToken(Component):
-    """Marginalise each answer token's likelihood over the prior's top-K passages."""
+class RagToken(Rag):
+    """Marginalise each answer token's likelihood over the prior's top-K passages (sampling as ``rag``)."""
 
-    kind = "estimator"
-    Options = Options
-    needs_posterior = False
-
-    @hookimpl
-    def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
-        return ScoreRequest.all_slots(candidates)
+    Options = Options  # token log-likelihoods are marginalised as they are: no sum/mean choice
 
     @hookimpl
     def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
