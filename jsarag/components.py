@@ -47,6 +47,10 @@ class Component:
         """Return the modules this component trains, by name (unique within the run)."""
         return {}
 
+    def counters(self) -> dict[str, int]:
+        """Return counts of inputs this component altered or left out (truncated passages, say), for reports."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Return training state to checkpoint beside the model (tensors and plain Python values only)."""
         return {}

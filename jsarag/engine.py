@@ -22,6 +22,7 @@ import deepspeed.comm as dist  # noqa: E402
 
 from jsarag.components import Trainable  # noqa: E402
 from jsarag.errors import RecipeError  # noqa: E402
+from jsarag.types import StepResult  # noqa: E402
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -86,8 +87,10 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 class Trainables(torch.nn.ModuleDict):
     """Every trainable module of the run under one engine; its forward runs one micro-step's hooks."""
 
-    def forward(self, step: Callable[[], Any]) -> Any:  # type: ignore[override]
-        return step()
+    def forward(self, step: Callable[[], StepResult]) -> tuple[torch.Tensor, StepResult]:  # type: ignore[override]
+        """Return ``(loss, result)``: DeepSpeed finds the loss in a tuple and hooks its pre-backward step onto it."""
+        result = step()
+        return result.loss, result
 
 
 def build_engine(trainables: dict[str, Trainable], ds_config: dict[str, Any], train: Any) -> Any:

@@ -71,7 +71,7 @@ def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]
     losses, stats = [], []
     while len(losses) < run.recipe.train.grad_accum:
         batch = _next_batch(run, state)
-        result: StepResult = run.engine(lambda: _micro_step(run, batch))
+        _, result = run.engine(lambda: _micro_step(run, batch))  # (loss, StepResult)
         if not all_ranks_finite(result.loss):
             _count_nonfinite(run, state)
             continue
@@ -149,10 +149,28 @@ def write_metrics(run: Run, state: LoopState) -> dict[str, Any]:
     """Write <output_dir>/metrics.json (rank 0) and return its content."""
     final = {k: v for k, v in state.history[-1].items() if k != "step"} if state.history else {}
     metrics = {"final": final if state.step >= run.recipe.train.max_steps else {}, "history": state.history,
-               "nonfinite_skipped": state.nonfinite_total}
+               "nonfinite_skipped": state.nonfinite_total, "counters": counters(run)}
     if run.ctx.rank == 0:
         checkpoint.atomic_write(run.recipe.output_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def counters(run: Run) -> dict[str, dict[str, int]]:
+    """What loading and the components left out or altered: data lines skipped, answers dropped, inputs truncated
+    (component counts summed over ranks; a collective when the run has several ranks)."""
+    splits = {run.recipe.data.train_split: run.train_set, **run.eval_sets} if run.train_set is not None else run.eval_sets
+    found = {"data": {f"{split}_{what}": getattr(examples, what) for split, examples in splits.items()
+                      for what in ("skipped", "dropped_unanswerable")}}
+    mine = {kind: component.counters() for kind, component in run.components.items()}
+    everyone = [mine]
+    if run.ctx.world_size > 1:
+        everyone = [None] * run.ctx.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+    for part in everyone:
+        for kind, counts in part.items():
+            for name, value in counts.items():
+                found.setdefault(kind, {})[name] = found.get(kind, {}).get(name, 0) + int(value)
+    return found
 
 
 def _root(run: Run):

@@ -43,7 +43,8 @@ def delta_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def setup_lines(recipe: Recipe, world_size: int, nonfinite: int) -> list[str]:
+def setup_lines(recipe: Recipe, world_size: int, nonfinite: int, counters: dict[str, dict[str, int]] | None = None
+                ) -> list[str]:
     """Return the Markdown bullets that say how the numbers were obtained."""
     dropped = recipe.data.drop_unanswerable
     flag = f"`data.drop_unanswerable: {str(dropped).lower()}`"
@@ -57,6 +58,10 @@ def setup_lines(recipe: Recipe, world_size: int, nonfinite: int) -> list[str]:
                  f"prior top-{recipe.eval.top_k}{'' if recipe.eval.generate else ', no decoding'}")
     if nonfinite:
         lines.append(f"- non-finite losses skipped: {nonfinite}")
+    for kind, counts in (counters or {}).items():
+        shown = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in counts.items() if value)
+        if shown:
+            lines.append(f"- {kind}: {shown}")
     return lines
 
 
@@ -86,7 +91,8 @@ def render_report(recipe: Recipe, metrics: dict[str, Any], step: int, world_size
              f"**{recipe.generator.name}**; {step} of {recipe.train.max_steps} steps, {status}.", "",
              "## Results", "", "Metrics in %, first to last evaluation:", "", delta_table(metrics), "",
              "Every evaluation:", "", metrics_table(metrics), "",
-             "## Setup", "", *setup_lines(recipe, world_size, metrics.get("nonfinite_skipped", 0)), ""]
+             "## Setup", "", *setup_lines(recipe, world_size, metrics.get("nonfinite_skipped", 0), metrics.get("counters")),
+             ""]
     if plots:
         parts += ["## Curves", ""] + [f"![{Path(p).stem}]({p})\n" for p in plots]
     parts += ["## Samples", ""]
