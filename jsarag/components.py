@@ -10,20 +10,25 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterator, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Strict
 
 if TYPE_CHECKING:
     from jsarag.kb import KnowledgeBase
     from jsarag.recipe import Recipe
 
 
-class Options(BaseModel):
-    """Base of every component's option schema: unknown keys are errors."""
+PathOption = Annotated[Path, Strict(False)]  # a path option: a YAML string becomes a Path (Options are strict)
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+class Options(BaseModel):
+    """Base of every component's option schema: unknown keys are errors, and values are taken strictly as YAML wrote
+    them (``"100"`` or ``true`` is not an int, ``2.0`` not an int, ``.inf``/``.nan`` not a float); annotate a path
+    option ``PathOption`` so that a string is accepted for it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True, allow_inf_nan=False)
 
 
 class Trainable(NamedTuple):

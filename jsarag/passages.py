@@ -23,8 +23,9 @@ import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from jsarag.components import Component, Options, RunContext
+from jsarag.components import Component, Options, PathOption, RunContext
 from jsarag.errors import IndexMismatchError
+from jsarag.paths import confined, stays_inside
 
 log = logging.getLogger("jsarag.passages")
 Encode = Callable[[list[str]], np.ndarray]  # texts -> (n, d) vectors
@@ -53,12 +54,18 @@ class Index(Protocol):
 class IndexOptions(Options):
     """Options every built-in index accepts."""
 
-    dir: Literal["kb"] | Path | None = None
+    dir: Literal["kb"] | PathOption | None = None
     """Where builds are cached: null = <cache>/indexes; ``kb`` = a .jsarag-indexes folder beside the passages file
-    (falls back to the cache when that folder is not writable); or a path."""
+    (falls back to the cache when that folder is not writable); an absolute path; or a relative path, taken under
+    output_dir (it may not climb out with '..')."""
     refresh: str | None = None
     """Re-embedding schedule for a trained passage encoder, Atlas-style: ``"0-1000:500,1000-:1000"`` re-embeds every
     500 steps before step 1000, then every 1000 (null = never)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_stays_inside(cls, value: str | Path | None) -> str | Path | None:
+        return stays_inside(value) if isinstance(value, Path) else value
 
     @field_validator("refresh")
     @classmethod
@@ -87,11 +94,11 @@ class IndexComponent(Component):
 
 
 def index_dir(option: str | Path | None, ctx: RunContext) -> Path:
-    """Resolve an index's ``dir`` option (null, ``kb`` or a path) to a folder."""
+    """Resolve an index's ``dir`` option (null, ``kb``, an absolute path or one relative to output_dir) to a folder."""
     if option is None:
         return ctx.cache_dir / "indexes"
     if str(option) != "kb":
-        return Path(option)
+        return confined(option, ctx.output_dir, "index.dir")
     beside = Path(ctx.kb.path).resolve().parent / ".jsarag-indexes"
     try:
         beside.mkdir(exist_ok=True)
@@ -201,7 +208,7 @@ def load(index: Index, target: Path, expected: dict[str, str], n_passages: int) 
                 f"{target}: index built for another {what} (recorded {meta.get(what)}, this run has {value}); "
                 "delete the folder or point index.dir elsewhere to rebuild"
             )
-    vectors = np.load(target / "vectors.npy", mmap_mode="r")
+    vectors = _read_vectors(target)
     if vectors.shape[0] != n_passages:
         raise IndexMismatchError(f"{target}: {vectors.shape[0]} vectors for a KB of {n_passages} passages")
     index.load(target)
@@ -214,11 +221,34 @@ def load(index: Index, target: Path, expected: dict[str, str], n_passages: int) 
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    """The ``meta.json`` of a built index folder; a missing one is an IndexMismatchError."""
+    """The ``meta.json`` of a built index folder; a missing or unreadable one is an IndexMismatchError."""
     try:
-        return json.loads((Path(folder) / "meta.json").read_text())
+        meta = json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IndexMismatchError(f"{folder}: no meta.json, not a built index folder") from None
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise IndexMismatchError(f"{folder}/meta.json is corrupt ({err}); delete the folder to rebuild the "
+                                 "index") from None
+    if not isinstance(meta, dict):
+        raise IndexMismatchError(f"{folder}/meta.json is not a JSON object; delete the folder to rebuild the index")
+    return meta
+
+
+def _read_vectors(folder: Path) -> np.ndarray:
+    """The memory-mapped (P, d) ``vectors.npy`` of a built index folder; a missing or corrupt one is an
+    IndexMismatchError."""
+    try:
+        vectors = np.load(Path(folder) / "vectors.npy", mmap_mode="r")
+    except FileNotFoundError:
+        raise IndexMismatchError(f"{folder}: no vectors.npy (an incomplete build); delete the folder to rebuild "
+                                 "the index") from None
+    except (OSError, ValueError) as err:
+        raise IndexMismatchError(f"{folder}/vectors.npy is corrupt ({err}); delete the folder to rebuild the "
+                                 "index") from None
+    if vectors.ndim != 2:
+        raise IndexMismatchError(f"{folder}/vectors.npy holds a {vectors.ndim}-d array, not (passages, dim); delete "
+                                 "the folder to rebuild the index")
+    return vectors
 
 
 # -- embedding ------------------------------------------------------------------------------------------------------

@@ -10,28 +10,35 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jsarag.components import Options
+from jsarag.components import Options, PathOption
 from jsarag.errors import RecipeError
+from jsarag.paths import plain_name, relative_output_dir
 from jsarag.plugins import Plugins
 
 COMPONENT_SECTIONS = ("retriever", "index", "generator", "estimator")
 Origins = dict[str, str]  # dotted key -> "file line N" or "command line"
+MAX_DEPTH = 64  # nesting of mappings and lists a recipe may have (deeper is an error, not a RecursionError)
+MAX_VALUES = 100_000  # keys and values of a recipe once YAML aliases are expanded (a "billion laughs" file)
+MAX_EXTENDS = 32  # recipes in one ``extends`` chain
+MAX_SHOWN = 200  # characters of a bad value quoted in an error
+MAX_BYTES = 1 << 20  # size of a recipe file
 
 
 class Section(BaseModel):
-    """A fixed part of the recipe: unknown keys are errors."""
+    """A fixed part of the recipe: unknown keys are errors; numbers must be finite numbers, not strings or booleans."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
-    dir: Path | None = None
+    dir: PathOption | None = None
     """Folder in the shared data layout (passages.jsonl, <split>.jsonl); null = the embedded DoQA cooking."""
     train_split: str = "train"
     """Split trained on."""
@@ -43,6 +50,16 @@ class DataConfig(Section):
     """Earlier dialog turns kept in the retriever query and the generator prompt."""
     on_error: Literal["raise", "skip"] = "raise"
     """A malformed example line: stop with its file and line, or skip and count it."""
+
+    @field_validator("train_split")
+    @classmethod
+    def _plain_split(cls, value: str) -> str:
+        return plain_name(value)
+
+    @field_validator("eval_splits")
+    @classmethod
+    def _plain_splits(cls, value: list[str]) -> list[str]:
+        return [plain_name(split) for split in value]
 
 
 class TrainConfig(Section):
@@ -63,7 +80,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
+    """AdamW betas (a YAML list of two numbers)."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient-norm clipping (0 = off)."""
     log_every: int = Field(10, ge=1)
@@ -76,6 +93,11 @@ class TrainConfig(Section):
     """Complete checkpoints kept on disk."""
     max_nonfinite: int = Field(5, ge=1)
     """Stop after this many non-finite losses in a row (each is skipped and counted)."""
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _list_as_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # YAML has lists, not tuples
 
 
 class EvalConfig(Section):
@@ -107,8 +129,8 @@ class ComponentSpec(BaseModel):
 
 
 class Recipe(Section):
-    output_dir: Path = Path("runs/default")
-    """Where checkpoints, metrics.json and the report go."""
+    output_dir: PathOption = Path("runs/default")
+    """Where checkpoints, metrics.json and the report go (a relative path may not climb out with '..')."""
     resume: Literal["auto", "never"] = "auto"
     """auto: continue from the latest complete checkpoint in output_dir, if any."""
     data: DataConfig = DataConfig()
@@ -123,6 +145,11 @@ class Recipe(Section):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     source: dict[str, Any] = {}
     """The merged recipe as written (for reports); not a key to set."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_stays_put(cls, value: Path) -> Path:
+        return relative_output_dir(value)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> Recipe:
@@ -143,8 +170,10 @@ def validate(raw: dict[str, Any], origins: Origins, plugins: Plugins) -> Recipe:
         if section not in raw:
             raise RecipeError(f"the recipe has no '{section}' section ({_where('', origins)})")
         components[section] = _component(section, raw[section], origins, plugins)
-    for name in raw.get("observers") or []:
-        _check_plugin("observer", str(name), "observers", origins, plugins)
+    observers = raw.get("observers")
+    for name in observers if isinstance(observers, list) else []:  # other types: the schema reports them
+        if isinstance(name, str):
+            _check_plugin("observer", name, "observers", origins, plugins)
     try:
         return Recipe.model_validate({**plain, **components, "source": copy.deepcopy(raw)})
     except ValidationError as exc:
@@ -184,13 +213,25 @@ def _recipe_error(
     key = ".".join(loc)
     message = f"{key}: {err['msg']}"
     if err["type"] == "extra_forbidden":
-        fields = list(_fields_at(model, err["loc"][:-1])) + list(extra_keys)
+        fields = [f for f in _fields_at(model, err["loc"][:-1]) if f != "source"] + list(extra_keys)
         close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
         message = f"{key}: unknown key" + (f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else "")
         message += f" (valid here: {', '.join(sorted(fields))})"
+    elif err["type"] == "value_error":  # a validator's own message (it quotes the value)
+        message = f"{key}: {err['ctx']['error']}"
     elif "input" in err and err["type"] != "missing":
-        message += f", got {err['input']!r}"
+        message += f", got {_shown(err['input'])}"
     return RecipeError(f"{message} ({_where(key, origins)})")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut to MAX_SHOWN characters."""
+    return _cut(repr(value))
+
+
+def _cut(text: str) -> str:
+    """Text cut to MAX_SHOWN characters for an error message."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "..."
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> dict[str, Any]:
@@ -214,51 +255,157 @@ def _where(key: str, origins: Origins) -> str:
 
 # -- reading, extends and overrides ---------------------------------------------------------------------------------
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build objects or run code), reading ``1e-5`` as a number as YAML 1.2 does."""
+
+
+EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")  # 1e-5, 2E3: strings in YAML 1.1
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text safely (``RecipeLoader``); raises ``yaml.YAMLError``, ``ValueError`` or ``RecursionError``."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], Origins]:
-    path = path.resolve()
+    path = _resolved(path)
     if path in seen:
         raise RecipeError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in seen + (path,))}")
+    if len(seen) >= MAX_EXTENDS:
+        raise RecipeError(f"{path}: more than {MAX_EXTENDS} recipes in one 'extends' chain")
     data, origins = read_yaml(path)
     base = data.pop("extends", None)
+    where = origins.pop("extends", str(path))
     if base is None:
         return data, origins
-    if not isinstance(base, str):
-        raise RecipeError(f"{origins['extends']}: 'extends' must be a path to a recipe")
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"{where}: 'extends' must be a path to a recipe, got {_shown(base)}")
     parent, parent_origins = _read_with_extends(path.parent / base, seen + (path,))
-    origins.pop("extends")
     return _merge(parent, data, parent_origins, origins), {**parent_origins, **origins}
+
+
+def _resolved(path: Path) -> Path:
+    """The absolute form of a recipe path; a path no file system accepts is a RecipeError."""
+    try:
+        return path.resolve()
+    except (OSError, ValueError) as exc:  # a NUL character, a name too long, a symlink loop
+        raise RecipeError(f"recipe path {_shown(str(path))} cannot be used: {exc}") from None
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], Origins]:
     """Parse a recipe file safely; return its mapping and the file and line of each dotted key."""
     try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = _read_text(path)
+        node = yaml.compose(text, Loader=RecipeLoader)
+        data = parse_yaml(text)
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: malformed YAML: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(f"{_cut(str(path))}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise RecipeError(f"{path}: malformed YAML: {_unreadable(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
     origins: Origins = {"": str(path)}
-    _key_lines(node, (), path, origins)
+    _key_lines(node, path, origins)
+    _check_values(data, origins)
     return data, origins
 
 
-def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...], path: Path, origins: Origins) -> None:
-    if not isinstance(node, yaml.MappingNode):
-        return
-    seen: set[str] = set()
-    for key_node, value_node in node.value:
-        key = ".".join(prefix + (str(key_node.value),))
-        if key in seen:
-            raise RecipeError(f"{path} line {key_node.start_mark.line + 1}: duplicate key '{key}'")
-        seen.add(key)
-        origins[key] = f"{path} line {key_node.start_mark.line + 1}"
-        _key_lines(value_node, prefix + (str(key_node.value),), path, origins)
+def _read_text(path: Path) -> str:
+    """The text of a recipe file: a regular file (not a folder, not a device such as /dev/zero) of at most MAX_BYTES."""
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file")
+    if path.exists() and not path.is_file():
+        raise RecipeError(f"{path} is not a regular file")
+    with path.open("rb") as stream:
+        data = stream.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_BYTES // 2**20} MiB; not a recipe")
+    return data.decode("utf-8-sig")
+
+
+def _unreadable(exc: Exception) -> str:
+    """Say why YAML could not be read: its own error, an integer too long to convert, or nesting too deep."""
+    if isinstance(exc, RecursionError):
+        return f"nested too deeply (at most {MAX_DEPTH} levels)"
+    if not isinstance(exc, yaml.YAMLError):  # e.g. an integer of more than 4300 digits
+        return f"a value cannot be converted ({str(exc).split(';')[0]})"
+    return str(exc)
+
+
+def _key_lines(root: yaml.Node | None, path: Path, origins: Origins) -> None:
+    """Record the file and line of each dotted key; refuse duplicate or non-string keys and too deep nesting."""
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())] if root is not None else []
+    visited: set[int] = set()  # an aliased node (&anchor / *alias) is walked once
+    while stack:
+        node, prefix = stack.pop()
+        if id(node) in visited or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            continue
+        visited.add(id(node))
+        line = node.start_mark.line + 1
+        if len(prefix) >= MAX_DEPTH:
+            raise RecipeError(f"{path} line {line}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, prefix + ("[]",)) for item in node.value)
+            continue
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges a mapping in
+                stack.append((value_node, prefix))
+                continue
+            key = ".".join(prefix + (_key_name(key_node, path),))
+            if key in seen:
+                raise RecipeError(f"{path} line {key_node.start_mark.line + 1}: duplicate key '{key}'")
+            seen.add(key)
+            origins.setdefault(key, f"{path} line {key_node.start_mark.line + 1}")
+            stack.append((value_node, prefix + (str(key_node.value),)))
+
+
+def _key_name(node: yaml.Node, path: Path) -> str:
+    """The text of a mapping key, which must be a plain string (``1:``, ``yes:`` or ``~:`` are not keys here)."""
+    if node.tag != "tag:yaml.org,2002:str":
+        text = node.value if isinstance(node, yaml.ScalarNode) else "a " + node.id
+        raise RecipeError(f"{path} line {node.start_mark.line + 1}: the key {_shown(text)} is not a name; "
+                          "keys are words (quote it, e.g. \"on\": ..., if YAML reads it as a number or boolean)")
+    return node.value
+
+
+def _check_values(value: Any, origins: Origins, prefix: str = "") -> None:
+    """Refuse what no recipe key takes: nesting deeper than MAX_DEPTH, more than MAX_VALUES values once YAML aliases
+    are expanded, strings with a NUL or a lone surrogate (they cannot name files or be written as UTF-8)."""
+    stack, count = [(value, prefix)], 0
+    while stack:
+        item, key = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{_where(key, origins)}: more than {MAX_VALUES} values (with YAML aliases expanded); "
+                              "not a recipe")
+        if key.count(".") >= MAX_DEPTH:
+            raise RecipeError(f"{key}: nested more than {MAX_DEPTH} levels deep ({_where(key, origins)})")
+        if isinstance(item, dict):
+            stack.extend((child, f"{key}.{name}".lstrip(".")) for name, child in item.items())
+        elif isinstance(item, list):
+            stack.extend((child, f"{key}.{i}".lstrip(".")) for i, child in enumerate(item))
+        elif isinstance(item, str) and not _writable(item):
+            raise RecipeError(f"{key or 'value'}: the string {_shown(item)} holds a NUL character or a lone surrogate, "
+                              f"which no file name or UTF-8 file can hold ({_where(key, origins)})")
+
+
+def _writable(text: str) -> bool:
+    """Whether a string can be a file name and be written as UTF-8 (no NUL, no lone surrogates)."""
+    if "\0" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _merge(base: dict, child: dict, base_origins: Origins, child_origins: Origins, prefix: str = "") -> dict:
@@ -286,19 +433,20 @@ def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
-        raise RecipeError(f"override '{item}' must look like dotted.key=value")
+        raise RecipeError(f"override '{_cut(item)}' must look like dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override '{item}': the value is not valid YAML: {exc}") from None
+        value = parse_yaml(text) if text.strip() else None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise RecipeError(f"override '{_cut(item)}': the value is not valid YAML: {_unreadable(exc)}") from None
+    _check_values(value, {"": f"command line override '{_cut(item)}'"}, key.strip())
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise RecipeError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
+            raise RecipeError(f"override '{_cut(item)}': '{'.'.join(parts[:i + 1])}' is not a section")
         node = child
     if parts[-1] == "name" and len(parts) == 2 and parts[0] in COMPONENT_SECTIONS and node.get("name") != value:
         node.clear()  # a different plugin: its options start afresh
         _drop_origins(origins, f"{parts[0]}.")
     node[parts[-1]] = value
-    origins[key.strip()] = f"command line override '{item}'"
+    origins[key.strip()] = f"command line override '{_cut(item)}'"

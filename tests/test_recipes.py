@@ -112,3 +112,86 @@ def test_missing_section_is_named(tmp_path, tiny_recipe):
     path = _write(tmp_path, yaml.safe_dump(data))
     with pytest.raises(RecipeError, match="no 'generator' section"):
         load_recipe(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hostile or odd recipe files: every one is a RecipeError that says where
+
+
+def _base(tmp_path: Path) -> Path:
+    """A valid recipe to extend."""
+    return _write(tmp_path, (Path(__file__).resolve().parent.parent / "recipes" / "tiny_rag.yaml").read_text(),
+                  "base.yaml")
+
+
+BAD_FILES = {  # name: (recipe text or bytes, message)
+    "a folder": (None, "is a folder, not a recipe file"),
+    "extends a folder": ("extends: .\n", "is a folder, not a recipe file"),
+    "UTF-16": ("output_dir: x\n".encode("utf-16"), "not UTF-8 text"),
+    "Latin-1": ("output_dir: caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    "extends with a NUL": ('extends: "a\\0b"\n', r"extends: the string 'a\\x00b' holds a NUL character.*line 1"),
+    "extends a name too long": ("extends: " + "a" * 300 + "\n", r"cannot be read \(File name too long\)"),
+    "extends not a string": ("extends: [a.yaml]\n", r"line 1: 'extends' must be a path"),
+    "nested 5000 deep": ("a: " + "[" * 5000 + "]" * 5000 + "\n", "malformed YAML: nested too deeply"),
+    "nested 100 deep": ("a:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 100)), "line 65: nested more than 64"),
+    "a number key": ("extends: base.yaml\n1: 2\n", r"line 2: the key '1' is not a name"),
+    "a boolean key": ("extends: base.yaml\ntrain:\n  on: 3\n", r"line 3: the key 'on' is not a name"),
+    "a null key": ("extends: base.yaml\n~: 2\n", r"line 2: the key '~' is not a name"),
+    "a lone surrogate": ('extends: base.yaml\noutput_dir: "a\\ud800"\n', r"output_dir: .*lone surrogate.*line 2"),
+    "an alias bomb": ("extends: base.yaml\ndeepspeed:\n  overrides:\n" + "".join(
+        f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9 if i else ['x'] * 9)}]\n" for i in range(10)),
+        "more than 100000 values"),
+    "observers as a number": ("extends: base.yaml\nobservers: 7\n", r"observers: Input should be a valid list, got 7"),
+    "observers as a string": ("extends: base.yaml\nobservers: progress\n", r"observers: .*valid list, got 'progress'"),
+    "a date": ("extends: base.yaml\noutput_dir: 2024-01-01\n", r"output_dir: Input is not a valid path"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_recipe_files_are_recipe_errors(tmp_path, case):
+    _base(tmp_path)
+    content, message = BAD_FILES[case]
+    path = tmp_path if content is None else tmp_path / "bad.yaml"
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+BAD_OVERRIDES = {  # override: message; values are taken strictly as YAML wrote them
+    "observers=5": r"observers: Input should be a valid list, got 5",
+    "observers=true": r"observers: Input should be a valid list, got True",
+    "train.max_steps='100'": r"train\.max_steps: Input should be a valid integer, got '100'",
+    "train.max_steps=true": r"train\.max_steps: Input should be a valid integer, got True",
+    "train.batch_size=2.0": r"train\.batch_size: Input should be a valid integer, got 2\.0",
+    "retriever.temperature=.inf": r"retriever\.temperature: Input should be a finite number",
+    "train.grad_clip=.inf": r"train\.grad_clip: Input should be a finite number",
+    "train.betas=[.nan,.nan]": r"train\.betas\.0: Input should be a finite number",
+    "generator.lr='1e-4'": r"generator\.lr: Input should be a valid number, got '1e-4'",
+    "generator.lora={r: '8'}": r"generator\.lora\.r: Input should be a valid integer",
+    "train.seed=" + "1" * 4301: r"the value is not valid YAML: a value cannot be converted \(Exceeds the limit",
+    "train.seed=" + "[" * 5000 + "]" * 5000: "the value is not valid YAML: nested too deeply",
+    'output_dir="a\\0b"': "holds a NUL character",
+}
+
+
+@pytest.mark.parametrize("override", sorted(BAD_OVERRIDES), ids=lambda o: o[:40])
+def test_bad_overrides_are_recipe_errors(tiny_recipe, override):
+    with pytest.raises(RecipeError, match=BAD_OVERRIDES[override]):
+        load_recipe(tiny_recipe(), [override])
+
+
+def test_numbers_paths_and_betas_are_read_as_yaml_writes_them(tiny_recipe, tmp_path):
+    recipe = load_recipe(tiny_recipe(), ["generator.lr=1e-4", "retriever.temperature=1", "train.betas=[0.8, 0.9]",
+                                         f"data.dir={tmp_path}", "index.dir=indexes"])
+    assert recipe.generator.options.lr == 1e-4 and recipe.retriever.options.temperature == 1.0
+    assert recipe.train.betas == (0.8, 0.9) and recipe.data.dir == tmp_path
+    assert recipe.index.options.dir == Path("indexes")
+
+
+def test_yaml_anchors_and_merge_keys_still_work(tiny_recipe, tmp_path):
+    base = tiny_recipe("base.yaml")
+    child = _write(tmp_path, f"extends: {base.name}\ntrain: &steps\n  max_steps: 9\neval:\n  <<: {{max_examples: 3}}\n"
+                             "  batch_size: 2\n", "child.yaml")
+    recipe = load_recipe(child)
+    assert (recipe.train.max_steps, recipe.eval.max_examples, recipe.eval.batch_size) == (9, 3, 2)

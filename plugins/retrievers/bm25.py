@@ -18,12 +18,13 @@ from typing import Literal
 import bm25s
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext
+from jsarag.components import Component, Options, PathOption, RunContext
 from jsarag.data import render_posterior_query, render_query
 from jsarag.passages import broadcast, pad_rows, union_rows
+from jsarag.paths import confined, stays_inside
 from jsarag.types import Batch, Candidates
 
 log = logging.getLogger("jsarag.bm25")
@@ -50,8 +51,14 @@ class BM25Options(Options):
     """Snowball stemmer language (PyStemmer); null = no stemming."""
     posterior_sep: str = " "
     """Separator between x and y in the posterior's query."""
-    dir: Path | None = None
-    """Where the BM25 index is cached (default: <cache>/bm25)."""
+    dir: PathOption | None = None
+    """Where the BM25 index is cached: null = <cache>/bm25; an absolute path; or a relative path, taken under
+    output_dir (it may not climb out with '..')."""
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_stays_inside(cls, value: Path | None) -> Path | None:
+        return None if value is None else stays_inside(value)
 
 
 class BM25Scorer:
@@ -69,7 +76,8 @@ class BM25Scorer:
     def _build_or_load(self, ctx: RunContext) -> bm25s.BM25:
         o = self.options
         settings = json.dumps([ctx.kb.fingerprint, o.k1, o.b, o.method, o.stopwords, o.stemmer, bm25s.__version__])
-        target = (o.dir or ctx.cache_dir / "bm25") / hashlib.sha256(settings.encode()).hexdigest()[:20]
+        folder = confined(o.dir, ctx.output_dir, "retriever.dir") if o.dir else ctx.cache_dir / "bm25"
+        target = folder / hashlib.sha256(settings.encode()).hexdigest()[:20]
         if broadcast(ctx, not (target / "params.index.json").exists()) and ctx.rank == 0:
             model = bm25s.BM25(k1=o.k1, b=o.b, method=o.method)
             corpus = bm25s.tokenize([ctx.kb.render(i) for i in range(len(ctx.kb))], stopwords=o.stopwords or [],
