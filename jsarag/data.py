@@ -17,6 +17,7 @@ The package embeds DoQA cooking (CC BY-SA 4.0) as the default data folder, ``def
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import logging
 import zlib
@@ -43,7 +44,7 @@ SKIPPED_LINES_SHOWN = 5  # line numbers quoted in the on_error="skip" summary
 
 def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     """Yield (line number, raw line) for each non-blank line of a .jsonl or .jsonl.gz file."""
-    if not path.is_file():
+    if not is_file(path):
         raise DataError(f"{path}: no such file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -55,12 +56,22 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise DataError(f"{path}: cannot be read ({err})") from err
 
 
+def is_file(path: Path) -> bool:
+    """Whether ``path`` is a file; a path the system cannot look up (too long, a NUL character) is a DataError."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as err:
+        raise DataError(f"{_cut(str(path))}: not a usable path ({getattr(err, 'strerror', None) or err})") from None
+
+
 def parse_object(line: bytes, where: str) -> dict[str, Any]:
     """Parse one line as a JSON object; ``where`` ("<file> line <n>") prefixes any error."""
     try:
         value = json.loads(line)
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
         raise DataError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read") from None
     if not isinstance(value, dict):
         raise DataError(f"{where}: expected a JSON object, got {_json_type(value)}")
     return value
@@ -73,6 +84,7 @@ def get_str(obj: dict[str, Any], key: str, where: str, *, non_empty: bool = Fals
         raise DataError(f'{where}: field "{key}" must be a string, got {_json_type(value)}')
     if non_empty and not value.strip():
         raise DataError(f'{where}: field "{key}" is empty')
+    _check_unicode(value, key, where)
     return value
 
 
@@ -83,7 +95,20 @@ def get_str_list(obj: dict[str, Any], key: str, where: str, *, non_empty: bool =
         raise DataError(f'{where}: field "{key}" must be a list of strings, got {_json_type(value)}')
     if non_empty and not value:
         raise DataError(f'{where}: field "{key}" is an empty list')
+    for item in value:
+        _check_unicode(item, key, where)
     return tuple(value)
+
+
+def _check_unicode(value: str, key: str, where: str) -> None:
+    """Refuse a string with a lone surrogate (JSON allows "\\ud800"; no tokenizer or Arrow table does)."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f'{where}: field "{key}" holds a lone surrogate {value[err.start]!r} at character '
+                        f"{err.start}, not valid Unicode text; fix the line") from None
 
 
 def _get(obj: dict[str, Any], key: str, where: str) -> Any:
@@ -91,6 +116,16 @@ def _get(obj: dict[str, Any], key: str, where: str) -> Any:
     if key not in obj:
         raise DataError(f'{where}: missing field "{key}"')
     return obj[key]
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """Text cut to ``limit`` characters for an error message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def text_key(text: str) -> int:
+    """A stable signed 64-bit key of a text, the same in every process (unlike ``hash``): to count distinct texts."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def _json_type(value: Any) -> str:
@@ -111,7 +146,7 @@ def default_data_dir() -> Path:
 def split_path(data_dir: Path, split: str) -> Path:
     """Return ``<data_dir>/<split>.jsonl`` or ``.jsonl.gz``, whichever exists."""
     data_dir = Path(data_dir)
-    found = [p for p in (data_dir / f"{split}.jsonl", data_dir / f"{split}.jsonl.gz") if p.is_file()]
+    found = [p for p in (data_dir / f"{split}.jsonl", data_dir / f"{split}.jsonl.gz") if is_file(p)]
     if len(found) == 2:
         raise DataError(f"{data_dir}: both {split}.jsonl and {split}.jsonl.gz exist; keep one")
     if not found:

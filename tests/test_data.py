@@ -129,6 +129,10 @@ BAD_EXAMPLES = {
     "gold ids missing": (without("gold_passage_ids", id="e1"), 'missing field "gold_passage_ids"'),
     "duplicate id": (example(), 'duplicate example id "e0" (first at line 1)'),
     "gold id not in KB": (example(id="e1", gold_passage_ids=["p9"]), 'gold passage id "p9" is not in the knowledge'),
+    "nested too deeply": ('{"id": "e1", "context": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply"),
+    "lone surrogate": (json.dumps(example(id="e1", question="q?")).replace("q?", "q\\ud800"),
+                       'field "question" holds a lone surrogate'),
+    "integer too long": ('{"id": ' + "1" * 5000 + "}", "not valid JSON (Exceeds the limit"),
 }
 
 
@@ -180,6 +184,13 @@ def test_skip_counts_bad_lines_and_logs_once(tmp_path: Path, kb: KnowledgeBase,
     assert "skipped 3 bad lines (lines 2, 5, 7)" in caplog.text and "train.jsonl" in caplog.text
 
 
+def test_skip_counts_lines_no_parser_could_take(tmp_path: Path, kb: KnowledgeBase) -> None:
+    deep = '{"id": "e1", "context": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    surrogate = json.dumps(example(id="e2", question="q?")).replace("q?", "q\\ud800")
+    loaded = load_examples(write_jsonl(tmp_path / "train.jsonl", [example(), deep, surrogate]), kb, on_error="skip")
+    assert (len(loaded), loaded.skipped) == (1, 2)
+
+
 def test_skip_with_no_good_line_is_an_error(tmp_path: Path, kb: KnowledgeBase) -> None:
     with pytest.raises(DataError, match=r"no examples \(2 bad lines skipped\)"):
         load_examples(write_jsonl(tmp_path / "train.jsonl", ["{", "[]"]), kb, on_error="skip")
@@ -206,6 +217,10 @@ BAD_PASSAGES = {
     "empty id": ({"id": "", "title": "", "text": "t"}, 'field "id" is empty'),
     "text not a string": ({"id": "p7", "title": "", "text": ["t"]}, 'field "text" must be a string, got a list'),
     "duplicate id": ({"id": "p1", "title": "", "text": "again"}, 'duplicate passage id "p1" (first at line 2)'),
+    "nested too deeply": ('{"id": "p7", "title": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply"),
+    "lone surrogate in the id": ('{"id": "p\\ud800", "title": "", "text": "t"}', 'field "id" holds a lone surrogate'),
+    "lone surrogate in the text": ('{"id": "p7", "title": "", "text": "t\\udfff"}',
+                                   'field "text" holds a lone surrogate'),
 }
 
 
@@ -234,6 +249,10 @@ def test_unreadable_files_are_data_errors(tmp_path: Path) -> None:
     (tmp_path / "bad_utf8.jsonl").write_bytes(b'{"id": "p0", "title": "", "text": "\xff"}\n')
     with pytest.raises(DataError, match="bad_utf8.jsonl line 1: not valid JSON"):
         load_kb(tmp_path / "bad_utf8.jsonl")
+    with pytest.raises(DataError, match=r"x+\.\.\.: not a usable path \(File name too long\)$"):
+        load_kb(Path("x" * 300))
+    with pytest.raises(DataError, match="not a usable path"):
+        split_path(tmp_path / ("x" * 300), "train")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
