@@ -88,6 +88,20 @@ def resolve_model(name: str) -> Path:
                      f"Pass an existing model directory, or one of {TINY_GPT2}, {TINY_BERT}, {MINILM}, {SMOLLM}.")
 
 
+@contextmanager
+def loading(name: str, key: str) -> Iterator[None]:
+    """Turn a model library's refusal or failure to load the model that recipe key ``key`` names into a ModelError."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            trust = f"{key.split('.')[0]}.trust_remote_code"
+            raise ModelError(
+                f"{key} {name!r} ships Python code of its own (auto_map in its config) and jsarag does not run it "
+                f"unless the recipe sets {trust}: true; set it only for a model you trust") from None
+        raise ModelError(f"{key} {name!r} cannot be loaded: {_brief(err)}") from err
+
+
 def model_fingerprint(path: Path) -> str:
     """Short sha256 over every file of a model directory but hidden and *.md ones: relative name, size and content."""
     path = Path(path)

@@ -7,7 +7,7 @@ ends at the last position, and only the last A+1 positions' logits are computed 
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jsarag import hookimpl
 from jsarag.components import Component, Options, RunContext, Trainable
-from jsarag.data import render_history
+from jsarag.data import render_history, text_key
 from jsarag.errors import ModelError
-from jsarag.models import resolve_model
+from jsarag.models import loading, resolve_model
 from jsarag.types import Batch, Candidates, ScoreRequest, Scores
 from jsarag_plugins.generators.decoding import greedy
 
@@ -30,7 +30,7 @@ PROMPT = (
 class LoraOptions(BaseModel):
     """Low-rank adapters (peft) in place of full fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, allow_inf_nan=False)
     r: int = Field(8, ge=1)
     """Adapter rank."""
     alpha: int = Field(16, ge=1)
@@ -53,9 +53,11 @@ class CausalLMOptions(Options):
     max_passage_tokens: int = Field(256, ge=1)
     """Passage tokens kept in the prompt (longer passages are truncated and counted)."""
     max_prompt_tokens: int = Field(512, ge=8)
-    """Prompt tokens kept (the start of the text after the passage is cut first)."""
+    """Prompt tokens kept. The question is always kept: a prompt too long loses first the oldest dialog history, then
+    the end of the passage (down to half the room), then the start of the question (counted). With max_answer_tokens
+    and max_new_tokens it must fit the model's context."""
     max_answer_tokens: int = Field(64, ge=1)
-    """Answer tokens scored (longer answers are truncated and counted)."""
+    """Answer tokens scored, EOS included (longer answers are truncated and counted)."""
     score_batch_tokens: int = Field(8192, ge=64)
     """Padded tokens per scoring forward: pairs are micro-batched to stay under it."""
     max_new_tokens: int = Field(32, ge=1)
@@ -74,7 +76,7 @@ class CausalLMOptions(Options):
     decode_score: Literal["sum", "mean"] = "mean"
     """log p(ŷ|x,h) in the joint score: summed over tokens or per token (sum favours short answers)."""
     trust_remote_code: bool = False
-    """Run code shipped in the model folder (off unless the recipe says so)."""
+    """Run Python code shipped in the model folder (its config's auto_map); off unless the recipe says so."""
 
 
 class CausalLM(Component):
@@ -86,20 +88,26 @@ class CausalLM(Component):
     def __init__(self, options: CausalLMOptions, ctx: RunContext) -> None:
         super().__init__(options, ctx)
         path = resolve_model(options.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+        with loading(options.model, "generator.model"):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
         _ensure_pad_token(self.tokenizer, options.model)
         self.tokenizer.padding_side = "left"
-        with ctx.partitioned_init():
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=self._dtype(), trust_remote_code=options.trust_remote_code
-            ).to(ctx.device)
+        with loading(options.model, "generator.model"):
+            with ctx.partitioned_init():
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=self._dtype(), trust_remote_code=options.trust_remote_code
+                ).to(ctx.device)
+        _check_context(self.model.config, options)
         if options.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if options.lora is not None:
             self.model = _with_lora(self.model, options.lora)
         prefix, self.suffix = _split_template(options.prompt)
         self.prefix_ids = self._ids(prefix)
-        self.truncated = {"passages": 0, "answers": 0}
+        self._check_prompt_room()
+        # what was cut, as distinct things so that a resumed run counts what an uninterrupted one does:
+        # KB rows, and hashes of questions and answer texts
+        self.truncated: dict[str, set[int]] = {"passages": set(), "questions": set(), "answers": set()}
         self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (`jsarag diagnose`)
 
     def _dtype(self) -> torch.dtype:
@@ -109,37 +117,70 @@ class CausalLM(Component):
     def trainable(self) -> dict[str, Trainable]:
         return {"generator": Trainable(self.model, self.options.lr)} if self.options.lr > 0 else {}
 
+    def counters(self) -> dict[str, int]:
+        """Distinct passages, questions and answers this rank truncated to fit the prompt or the answer budget."""
+        return {f"{what}_truncated": len(seen) for what, seen in self.truncated.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"truncated": {what: sorted(seen) for what, seen in self.truncated.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for what, seen in state.get("truncated", {}).items():
+            self.truncated[what] = set(seen)
+
+    def _check_prompt_room(self) -> None:
+        """Refuse a max_prompt_tokens that leaves no room for a passage token and a question token."""
+        fixed = len(self.prefix_ids) + len(self._ids(self.suffix.format(history="", question="")))
+        if fixed + 2 > self.options.max_prompt_tokens:
+            raise ModelError(f"generator.max_prompt_tokens ({self.options.max_prompt_tokens}) leaves no room for a "
+                             f"passage and a question: the prompt template alone takes {fixed} tokens; raise it")
+
     # -- prompts ------------------------------------------------------------------------------------------------------
 
     def prompt_ids(self, batch: Batch, example: int, rows: int | list[int]) -> list[int]:
-        """Token ids of the prompt for an example and one passage (or several, concatenated)."""
+        """Token ids of the prompt for an example and one passage (or several, concatenated), at most max_prompt_tokens:
+        the oldest history goes first, then the end of the passage, then the start of the question."""
         ex = batch.examples[example]
         rows = [rows] if isinstance(rows, int) else rows
-        budget = self.options.max_passage_tokens // len(rows)
-        passage = [t for i, row in enumerate(rows) for t in (self.newline if i else []) + self._passage_ids(row, budget)]
         history = render_history(ex, self.ctx.recipe.data.max_history_turns)
         suffix = self._ids(self.suffix.format(history=history + "\n" if history else "", question=ex.question))
-        room = self.options.max_prompt_tokens - len(self.prefix_ids) - len(passage)
-        return self.prefix_ids + passage + suffix[max(0, len(suffix) - room) :]
+        bare = self._question_length(ex.question)  # the suffix without history: the question is never dropped
+        room = self.options.max_prompt_tokens - len(self.prefix_ids)  # for the passage and the suffix
+        passage_room = min(self.options.max_passage_tokens, max(room - bare, room // 2))
+        budget = max(1, (passage_room - len(self.newline) * (len(rows) - 1)) // len(rows))
+        passage = [t for i, row in enumerate(rows) for t in (self.newline if i else []) + self._passage_ids(row, budget)]
+        keep = room - len(passage)  # suffix tokens kept, from its end
+        if keep < bare:
+            self.truncated["questions"].add(text_key(ex.question))
+        return self.prefix_ids + passage + suffix[max(0, len(suffix) - keep) :]
 
     def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of a target answer, ending with EOS."""
+        """Token ids of a target answer, ending with EOS, at most max_answer_tokens in all."""
         ids = self._ids(" " + answer.strip())
         if len(ids) >= self.options.max_answer_tokens:
             ids = ids[: self.options.max_answer_tokens - 1]
-            self.truncated["answers"] += 1
+            self.truncated["answers"].add(text_key(answer))
         return ids + [self.tokenizer.eos_token_id]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    @functools.lru_cache(maxsize=65536)
     def _passage_ids(self, row: int, budget: int) -> list[int]:
-        """A passage's token ids, truncated to ``budget`` (counted once per passage)."""
-        ids = self._ids(self.ctx.kb.render(row))
+        """A passage's token ids, truncated to ``budget`` (each truncated KB row counted once)."""
+        ids = self._row_ids(row)
         if len(ids) > budget:
-            self.truncated["passages"] += 1
+            self.truncated["passages"].add(row)
         return ids[:budget]
+
+    @functools.lru_cache(maxsize=65536)
+    def _question_length(self, question: str) -> int:
+        """Tokens of the prompt's suffix with the question and no history."""
+        return len(self._ids(self.suffix.format(history="", question=question)))
+
+    @functools.lru_cache(maxsize=65536)
+    def _row_ids(self, row: int) -> list[int]:
+        """A passage's token ids, in full."""
+        return self._ids(self.ctx.kb.render(row))
 
     @functools.cached_property
     def newline(self) -> list[int]:
@@ -222,6 +263,17 @@ def _split_template(template: str) -> tuple[str, str]:
         raise ModelError("generator.prompt must contain {passage} exactly once")
     prefix, suffix = template.split("{passage}")
     return prefix, suffix
+
+
+def _check_context(config, options: CausalLMOptions) -> None:
+    """Refuse prompt and answer budgets longer than the model's context (when its config states one)."""
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = options.max_prompt_tokens + max(options.max_answer_tokens, options.max_new_tokens)
+    if isinstance(context, int) and longest > context:
+        raise ModelError(
+            f"generator.max_prompt_tokens ({options.max_prompt_tokens}) + generator.max_answer_tokens "
+            f"({options.max_answer_tokens}) or generator.max_new_tokens ({options.max_new_tokens}) is {longest} "
+            f"tokens, more than the context of {options.model} ({context}); lower them")
 
 
 def _ensure_pad_token(tokenizer, name: str) -> None:

@@ -27,8 +27,9 @@ from sentence_transformers.util import batch_to_device
 
 from jsarag import hookimpl
 from jsarag.components import Component, Options, RunContext, Trainable
-from jsarag.data import render_posterior_query, render_query
-from jsarag.models import model_fingerprint, resolve_model
+from jsarag.data import render_posterior_query, render_query, text_key
+from jsarag.errors import IndexMismatchError
+from jsarag.models import loading, model_fingerprint, resolve_model
 from jsarag.passages import (broadcast, build_folder, build_or_load, gather_rows, last_refresh, load, pad_rows,
                              read_meta, refresh_due, union_rows)
 from jsarag.types import Batch, Candidates
@@ -70,6 +71,8 @@ class DenseOptions(Options):
     """Take this many rows from the stale index and keep the top-k by the live passage encoder (0 = off)."""
     bm25_top_k: int = Field(0, ge=0)
     """Add BM25's top-N rows for the query x to the training candidates (0 = off)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in the encoder folders (their config's auto_map); off unless the recipe says so."""
 
     @model_validator(mode="after")
     def _rescore_needs_live_encoder(self) -> DenseOptions:
@@ -90,21 +93,27 @@ class DenseRetriever(Component):
         path = resolve_model(options.model)
         passage_path = resolve_model(options.passage_model) if options.passage_model else path
         trains_passages = options.train_passages and options.passage_lr > 0
-        self.passage_encoder = self._load(passage_path).requires_grad_(trains_passages)
+        self.passage_encoder = self._load(passage_path, options.passage_model or options.model,
+                                          "retriever.passage_model" if options.passage_model else "retriever.model")
+        self.passage_encoder.requires_grad_(trains_passages)
         self.index = ctx.components["index"]
         self.encoder_fingerprint = f"{model_fingerprint(passage_path)}:{options.max_length}"
         self.vectors = self._initial_vectors()  # (P, d) memmap
         self.index_step = 0  # optimizer step of the passage encoder the index was embedded with
         if options.train_passages:
             self._adopt_live_index()
-        self.prior = self._load(path)
+        self.prior = self._load(path, options.model, "retriever.model")
         self.posterior = None
         if getattr(ctx.components.get("estimator"), "needs_posterior", False):
             self.posterior = self.prior if options.share_posterior else copy.deepcopy(self.prior)
         self.bm25 = self._bm25() if options.bm25_top_k else None
+        # distinct query texts (64-bit keys) cut at max_length; a set, so a resumed run counts what a straight one does
+        self.truncated: dict[str, set[int]] = {"queries": set(), "posterior_queries": set()}
 
-    def _load(self, path) -> SentenceTransformer:
-        model = SentenceTransformer(str(path), device=str(self.ctx.device), trust_remote_code=False)
+    def _load(self, path, name: str, key: str) -> SentenceTransformer:
+        with loading(name, key):
+            model = SentenceTransformer(str(path), device=str(self.ctx.device),
+                                        trust_remote_code=self.options.trust_remote_code)
         model.max_seq_length = self.options.max_length
         return model.eval()  # the engine switches trainable modules to train mode
 
@@ -112,6 +121,26 @@ class DenseRetriever(Component):
         from jsarag_plugins.retrievers.bm25 import BM25Options, BM25Scorer
 
         return BM25Scorer(BM25Options(), self.ctx)
+
+    def counters(self) -> dict[str, int]:
+        """Distinct prior and posterior queries this rank cut at max_length."""
+        return {f"{what}_truncated": len(seen) for what, seen in self.truncated.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"truncated": {what: sorted(seen) for what, seen in self.truncated.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for what, seen in state.get("truncated", {}).items():
+            self.truncated[what] = set(seen)
+
+    def _note_truncated(self, what: str, model: SentenceTransformer, texts: list[str]) -> None:
+        """Record the texts the encoder cuts at max_length (only texts with more bytes than that are tokenized again:
+        a token covers at least one byte)."""
+        special = 2  # [CLS] and [SEP], or their like
+        long = [t for t in texts if len(t.encode("utf-8")) + special > self.options.max_length]
+        if long:
+            lengths = map(len, model.tokenizer(long, add_special_tokens=True, verbose=False)["input_ids"])
+            self.truncated[what].update(text_key(t) for t, n in zip(long, lengths) if n > self.options.max_length)
 
     def trainable(self) -> dict[str, Trainable]:
         modules = {"prior": Trainable(self.prior, self.options.lr)} if self.options.lr > 0 else {}
@@ -137,6 +166,7 @@ class DenseRetriever(Component):
     @hookimpl
     def retrieve(self, batch: Batch, train: bool) -> Candidates:
         queries = [render_query(ex, self.max_turns) for ex in batch.examples]
+        self._note_truncated("queries", self.prior, queries)
         prior_q = self.encode(self.prior, queries)  # (B, d)
         if not train:
             rows = self._top(prior_q, self.ctx.recipe.eval.top_k)
@@ -147,6 +177,7 @@ class DenseRetriever(Component):
         posterior_q = None
         if self.posterior is not None:
             post = [render_posterior_query(ex, self.max_turns, self.options.posterior_sep) for ex in batch.examples]
+            self._note_truncated("posterior_queries", self.posterior, post)
             posterior_q = self.encode(self.posterior, post)
             if topk:
                 rows = union_rows(rows, self._top(posterior_q, self.options.posterior_top_k))
@@ -218,7 +249,10 @@ class DenseRetriever(Component):
                              self.options.embed_batch_size)
 
     def _live_expected(self) -> dict[str, str]:
-        return {"kb": self.ctx.kb.fingerprint, "index": self.index.fingerprint_options()}
+        """What an index-live folder must have been built for: this KB, this run's passage encoder (trained from
+        ``encoder_fingerprint``) and this index type."""
+        return {"kb": self.ctx.kb.fingerprint, "encoder": f"{self.encoder_fingerprint}+trained",
+                "index": self.index.fingerprint_options()}
 
     def _adopt_live_index(self) -> None:
         """Search the last refresh's index (output_dir/index-live) when there is one, e.g. to evaluate a trained run."""
@@ -226,11 +260,11 @@ class DenseRetriever(Component):
             log.warning("train_passages without index.refresh: the index is only re-embedded at the end of training")
         if broadcast(self.ctx, (self.live_folder / "meta.json").exists()):
             self.vectors = load(self.index, self.live_folder, self._live_expected(), len(self.ctx.kb))
-            self.index_step = int(read_meta(self.live_folder)["step"])
+            self.index_step = _live_step(self.live_folder)
 
     def refresh(self, step: int) -> None:
         """Re-embed the KB with the live passage encoder (every rank a share) and rebuild the index; a collective."""
-        meta = {**self._live_expected(), "encoder": f"{self.encoder_fingerprint}+trained", "step": step}
+        meta = {**self._live_expected(), "step": step}
         build_folder(self.ctx, self.index, self.live_folder, meta, self._embed_live, self.options.embed_batch_size,
                      replace=True)
         self.vectors = load(self.index, self.live_folder, self._live_expected(), len(self.ctx.kb))
@@ -265,6 +299,14 @@ class DenseRetriever(Component):
     def on_train_end(self, step: int, metrics: dict[str, Any]) -> None:
         if self.options.train_passages and step >= self.ctx.recipe.train.max_steps and self.index_step != step:
             self.refresh(step)
+
+
+def _live_step(folder) -> int:
+    """The optimizer step an index-live folder was embedded at (from its meta.json)."""
+    step = read_meta(folder).get("step")
+    if not isinstance(step, int):
+        raise IndexMismatchError(f"{folder}/meta.json records no step; delete the folder to re-embed the KB")
+    return step
 
 
 @contextlib.contextmanager
