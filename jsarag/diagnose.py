@@ -37,7 +37,7 @@ from jsarag.data import Example, default_data_dir, load_examples, split_path
 from jsarag.errors import DataError, RecipeError
 from jsarag.kb import load_kb
 from jsarag.plugins import Plugins
-from jsarag.recipe import ComponentSpec, Recipe, load_recipe
+from jsarag.recipe import ComponentSpec, DeepSpeedSection, Recipe, load_recipe, parse_yaml
 from jsarag.types import Batch
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ def split_overrides(overrides: Sequence[str], labels: list[str]) -> tuple[list[s
             recipe_overrides.append(item)
             continue
         try:
-            options[head][rest] = yaml.safe_load(text) if text.strip() else None
+            options[head][rest] = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
             raise RecipeError(f"option '{item}': the value is not valid YAML: {exc}") from None
     return recipe_overrides, options
@@ -235,7 +235,9 @@ def reference_recipe(recipe: Recipe, exact_options: Options) -> Recipe:
                           "needs one to score the whole KB (use the dense retriever)")
     every_passage = retriever.model_copy(update={"candidates": "all"})
     return recipe.model_copy(update={"estimator": ComponentSpec(name=REFERENCE, options=exact_options),
-                                     "retriever": ComponentSpec(name=recipe.retriever.name, options=every_passage)})
+                                     "retriever": ComponentSpec(name=recipe.retriever.name, options=every_passage),
+                                     # one process, no engine: ZeRO-3 would leave the models partitioned and unhooked
+                                     "deepspeed": DeepSpeedSection(config="zero0.json")})
 
 
 def trainable_groups(run: Run) -> Groups:

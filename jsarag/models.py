@@ -308,7 +308,23 @@ def _env_true(variable: str) -> bool:
 # building into the cache
 
 def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
-    """`final`, first built by `build` into a temporary sibling that is renamed into place, unless it exists."""
+    """`final`, first built by `build` into a temporary sibling that is renamed into place, unless it exists.
+
+    In a job of several ranks rank 0 builds while the others wait at a barrier (every rank resolves the same models
+    in the same order): transformers' `save_pretrained` writes nothing on a rank other than 0.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_rank() == 0:
+            _build_locked(final, build)
+        dist.barrier()
+        return final
+    return _build_locked(final, build)
+
+
+def _build_locked(final: Path, build: Callable[[Path], None]) -> Path:
+    """`final`, built under a file lock (jobs sharing the cache build it once) unless it exists."""
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,19 @@ def test_vrag_elbo_is_below_the_log_likelihood_and_tight_at_the_true_posterior(k
     assert tight.stats["elbo"] == pytest.approx(exact, abs=1e-5)
 
 
+def test_vrag_union_kl_keeps_one_q_and_bounds_the_union_marginal():
+    # C_q = the posterior's top 3 of 8; the union is all 8: the ELBO bounds log Σ_{h∈union} p̃(h) p(y|h)
+    exact = math.log(float((PRIOR * LIKELIHOOD).sum()))
+    union = Problem(batch=1).step(Vrag(VragOptions(top_k=3, kl_over="union"), ctx=None))
+    inside = Problem(batch=1).step(Vrag(VragOptions(top_k=3, kl_over="posterior"), ctx=None))
+    assert union.stats["elbo"] < exact
+    top3 = PROPOSAL.topk(3).indices
+    q = PROPOSAL[top3] / PROPOSAL[top3].sum()
+    expected = float((q * LIKELIHOOD[top3].log()).sum() - (q * (q / PRIOR[top3]).log()).sum())  # p̃ over all 8
+    assert union.stats["elbo"] == pytest.approx(expected, rel=1e-5)
+    assert inside.stats["elbo"] > union.stats["elbo"]  # p̃ renormalised over C_q puts more mass where q is
+
+
 def test_vrag_monte_carlo_is_unbiased_for_the_exact_elbo_gradient():
     torch.manual_seed(0)
     exact_problem = Problem(batch=1)
@@ -165,3 +178,15 @@ def test_jsa_cache_round_trips_through_state_dict():
     restored.load_state_dict(jsa.state_dict())
     assert restored.cache == jsa.cache and len(jsa.cache) == 6
     assert restored.extra_candidates(Batch([None] * 2, [0, 99])) == [[jsa.cache[0]], []]
+
+
+def test_jsa_keeps_the_cached_state_of_an_example_whose_loss_is_not_finite():
+    torch.manual_seed(0)
+    jsa = Jsa(JsaOptions(proposals=5), ctx=None)
+    problem = Problem(batch=2)
+    jsa.cache = {0: 7, 1: 7}
+    with torch.no_grad():
+        problem.prior_logits[1] = float("nan")  # example 1's prior diverged: its loss is NaN
+    result = problem.step(jsa)
+    assert not torch.isfinite(result.loss)
+    assert jsa.cache[1] == 7 and 0 <= jsa.cache[0] < K  # example 0's chain moved on, example 1's state is kept

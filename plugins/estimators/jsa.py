@@ -22,7 +22,7 @@ from pydantic import Field
 
 from jsarag import hookimpl
 from jsarag.components import Component, Options, RunContext
-from jsarag.estimation import request_for, scatter_scores, weighted_sum
+from jsarag.estimation import request_for, sampling_probs, scatter_scores, weighted_sum
 from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
 
 log = logging.getLogger("jsarag.jsa")
@@ -104,7 +104,7 @@ class Jsa(Component):
 
     @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ChainRequest:
-        q = candidates.posterior_log_probs().detach().exp().cpu()  # (B, C)
+        q = sampling_probs(candidates.posterior_log_probs().detach().cpu(), candidates.mask)  # (B, C)
         proposals = torch.multinomial(q, self.options.proposals, replacement=True)  # (B, m)
         start = self._cached_slots(batch, candidates)  # (B,)
         used = torch.zeros(q.shape, dtype=torch.bool).scatter_(1, proposals, True)
@@ -135,19 +135,20 @@ class Jsa(Component):
             again = request_for(weights > 0, grad=True)
             loglik = scatter_scores(rescore(again).loglik(self.options.likelihood), again, candidates)
         weights = weights.to(log_p.device)
-        loss = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q)).mean()
-        self._remember(batch, candidates, states[:, -1])
+        per_example = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q))  # (B,)
+        self._remember(batch, candidates, states[:, -1], torch.isfinite(per_example.detach()).cpu())
         stats = self._stats(batch, request, states, accepted, weights)
         if self.ctx is not None:
             stats["chain_gold"] = gold_share(batch, candidates, weights.cpu(), self.ctx.kb)
-        return StepResult(loss=loss, stats=stats)
+        return StepResult(loss=per_example.mean(), stats=stats)
 
-    def _remember(self, batch: Batch, candidates: Candidates, last: torch.Tensor) -> None:
-        """Write each example's last state to the cache, on every rank (an example may go to any rank next time)."""
+    def _remember(self, batch: Batch, candidates: Candidates, last: torch.Tensor, finite: torch.Tensor) -> None:
+        """Write each example's last state to the cache, on every rank (an example may go to any rank next time);
+        an example whose loss is not finite keeps its old state (the loop skips such a micro-batch)."""
         if not self.options.cache:
             return
         rows = candidates.rows.gather(1, last.unsqueeze(1).to(candidates.rows.device)).squeeze(1).tolist()
-        updates = list(zip(batch.positions, rows))
+        updates = [(p, r) for p, r, ok in zip(batch.positions, rows, finite.tolist()) if ok]
         if self.ctx is not None and self.ctx.world_size > 1:
             gathered: list = [None] * self.ctx.world_size
             torch.distributed.all_gather_object(gathered, updates)

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from jsarag import hookimpl
 from jsarag.components import Component, Options
-from jsarag.estimation import masked_log_softmax, request_for, scatter_scores, weighted_sum
+from jsarag.estimation import masked_log_softmax, request_for, sampling_probs, scatter_scores, weighted_sum
 from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
 
 
@@ -51,7 +51,7 @@ class Vrag(Component):
         in_set = self.posterior_set(candidates).cpu()
         if self.options.samples == 0:
             return request_for(in_set, grad=True)
-        q = masked_log_softmax(candidates.posterior_logits.detach().cpu(), in_set).exp()
+        q = sampling_probs(masked_log_softmax(candidates.posterior_logits.detach().cpu(), in_set), in_set)  # (B, C)
         self._draws = torch.multinomial(q, self.options.samples, replacement=True)  # (B, n) slots
         drawn = torch.zeros_like(in_set).scatter_(1, self._draws, True)
         return request_for(drawn, grad=True)
@@ -73,10 +73,11 @@ class Vrag(Component):
         return StepResult(loss=loss, stats={"elbo": float(elbo.mean()), "kl": float(kl.detach().mean())})
 
     def kl(self, candidates: Candidates, in_set: torch.Tensor) -> torch.Tensor:
-        """(B,) KL(q̃ ‖ p̃) over C_q or over the whole candidate union, both renormalised on that set."""
+        """(B,) KL(q̃ ‖ p̃): q̃ is the same posterior over C_q as in the expectation (zero outside it); p̃ is the prior
+        renormalised over C_q (``kl_over: posterior``) or over the whole candidate union (``union``)."""
         keep = in_set if self.options.kl_over == "posterior" else candidates.mask.to(in_set.device)
-        log_q = masked_log_softmax(candidates.posterior_logits, keep)
-        log_p = masked_log_softmax(candidates.prior_logits, keep)
+        log_q = masked_log_softmax(candidates.posterior_logits, in_set)  # (B, C), -inf outside C_q
+        log_p = masked_log_softmax(candidates.prior_logits, keep)  # (B, C)
         return weighted_sum(log_q.exp(), log_q - log_p)
 
     def _monte_carlo(self, loglik: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ ends at the last position, and only the last A+1 positions' logits are computed 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Literal
 
@@ -93,7 +94,7 @@ class CausalLM(Component):
         _ensure_pad_token(self.tokenizer, options.model)
         self.tokenizer.padding_side = "left"
         with loading(options.model, "generator.model"):
-            with ctx.partitioned_init():
+            with ctx.partitioned_init() if options.lr > 0 else contextlib.nullcontext():  # a frozen model joins no engine
                 self.model = AutoModelForCausalLM.from_pretrained(
                     path, dtype=self._dtype(), trust_remote_code=options.trust_remote_code
                 ).to(ctx.device)
@@ -193,12 +194,31 @@ class CausalLM(Component):
         rows = candidates.rows[request.example, request.slot].tolist()
         pairs = [(self.prompt_ids(batch, e, r), self.answer_ids(batch.examples[e].answer))
                  for e, r in zip(request.example.tolist(), rows)]
+        groups = self._chunks(pairs)
+        forwards = self._forwards_on_every_rank(len(groups))  # agreed before any forward starts its collectives
+        with torch.set_grad_enabled(request.grad and torch.is_grad_enabled()):
+            chunks = [self._score_chunk(pairs, idx) for idx in groups]
+            idle = [self._idle_forward() for _ in range(forwards - len(groups))]
         if not pairs:
             empty = torch.zeros(0, 1, device=self.ctx.device)
             return Scores(token_logprobs=empty, token_mask=empty.bool())
-        with torch.set_grad_enabled(request.grad and torch.is_grad_enabled()):
-            chunks = [self._score_chunk(pairs, idx) for idx in self._chunks(pairs)]
-        return _concat(chunks, len(pairs))
+        scores = _concat(chunks, len(pairs))
+        for tied in idle:  # the idle forwards join the graph, so every rank's backward gathers the same parameters
+            scores.token_logprobs = scores.token_logprobs + 0.0 * tied
+        return scores
+
+    def _forwards_on_every_rank(self, mine: int) -> int:
+        """The most scoring forwards any rank runs for this request (ZeRO-3: every forward is a collective)."""
+        if self.ctx.zero_stage < 3 or self.ctx.world_size == 1:
+            return mine
+        count = torch.tensor([mine], device=self.ctx.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
+
+    def _idle_forward(self) -> torch.Tensor:
+        """() a forward over two EOS tokens whose result is multiplied by 0: keeps ZeRO-3's collectives in step."""
+        ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.ctx.device)
+        return self.model(input_ids=ids, logits_to_keep=1).logits.float().sum()
 
     def _chunks(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
         """Split pair indices (longest first) into groups whose padded size fits score_batch_tokens."""

@@ -34,10 +34,11 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, sync
     out = model.generate(
         input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
-        return_dict_in_generate=True, output_scores=True,
+        return_dict_in_generate=True, output_logits=True,
     )
     new = out.sequences[:, ids.shape[1]:]  # (n, S)
-    step_logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)  # (n, S, V)
+    # raw logits, not `scores` (those come after the generation config's processors, e.g. a repetition penalty)
+    step_logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.logits], dim=1)  # (n, S, V)
     token_logprobs = step_logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)  # (n, S)
     is_eos = new == tokenizer.eos_token_id
     before_eos = (is_eos.cumsum(-1) - is_eos.long()) == 0  # tokens up to and including the first EOS
