@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_arguments(bench.add_parser("retrieval", help="index build/search throughput and recall@k vs raw FAISS"))
+    from jsarag.bench_step import add_arguments as step_cost_arguments
+
+    step_cost_arguments(bench.add_parser("step-cost", help="seconds, generator tokens and memory of a step per estimator"))
     diagnose = commands.add_parser("diagnose", help="diagnostics").add_subparsers(dest="action", required=True)
     grad = diagnose.add_parser("grad-variance", help="each estimator's gradient bias, variance and cost vs exact")
     grad.add_argument("--estimators", default="rag,vrag,jsa,exact",
@@ -50,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
         "diagnose": _diagnose,
     }
-    _exit(lambda: handlers[args.command](args), distributed=args.command not in ("plugins", "compare", "bench"))
+    in_process = args.command in ("plugins", "compare") or args.command == "bench" and args.what != "step-cost"
+    _exit(lambda: handlers[args.command](args), distributed=not in_process)
 
 
 def recipe_main(default_config: Path, argv: Sequence[str] | None = None) -> None:
@@ -147,6 +151,10 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "step-cost":
+        from jsarag.bench_step import main as step_cost
+
+        return step_cost(args)
     from jsarag.bench_retrieval import main as bench_retrieval
 
     return bench_retrieval(args)
