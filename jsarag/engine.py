@@ -19,12 +19,42 @@ if not torch.cuda.is_available():  # must precede the first deepspeed import
 
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.runtime.zero.utils import ZeRORuntimeException  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
+from jsarag.checkpoint import describe_write_error, fsync_file, load_file  # noqa: E402
 from jsarag.components import Trainable  # noqa: E402
 from jsarag.errors import RecipeError  # noqa: E402
+from jsarag.paths import confined  # noqa: E402
 from jsarag.types import StepResult  # noqa: E402
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# The classes DeepSpeed pickles into its checkpoint files besides tensors and plain values, found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on real checkpoints of the tiny recipe: ZeRO 1-3 optimizer
+# states hold the loss scaler, the ZeRO stage and (ZeRO 1-2) fragment addresses; fp16 runs hold DynamicLossScaler in
+# place of LossScaler; ZeRO 0 and model-state files hold none. Nothing else may be unpickled.
+CHECKPOINT_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+# what engine.load_checkpoint raises on a checkpoint it cannot load: missing files (an assertion in its loader),
+# tensors of other shapes (load_state_dict), another number of ranks under ZeRO
+CHECKPOINT_LOAD_ERRORS = (AssertionError, OSError, RuntimeError, ZeRORuntimeException)
+# ds-config settings that would read or write checkpoints past GuardedCheckpointEngine (key path, what it does)
+UNGUARDED_CHECKPOINTING = {
+    ("checkpoint", "load_universal"): "loads universal checkpoints with torch.load(weights_only=False)",
+    ("checkpoint", "writer"): "swaps in DeepSpeed's fast/decoupled writer, which finishes files after the save returns",
+    ("datastates_ckpt",): "swaps in the DataStates engine, which writes in the background",
+}
+# ds-config keys naming a file or folder DeepSpeed writes to (kept inside output_dir unless absolute)
+WRITER_PATHS = {
+    ("tensorboard", "output_path"): "tensorboard",
+    ("csv_monitor", "output_path"): "csv_monitor",
+    ("flops_profiler", "output_file"): None,
+    ("zero_optimization", "offload_param", "nvme_path"): None,
+    ("zero_optimization", "offload_optimizer", "nvme_path"): None,
+}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -48,17 +78,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_ds_config(name: str, overrides: dict[str, Any], train: Any) -> dict[str, Any]:
-    """Read a DeepSpeed config (a ds_configs/ name or a path), merge overrides, fill every "auto" from the recipe."""
-    path = Path(name) if Path(name).exists() else DS_CONFIG_DIR / name
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        known = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
-        raise RecipeError(f"deepspeed.config: no file '{name}' (here or in {DS_CONFIG_DIR}: {known})") from None
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"{path}: malformed JSON: {exc}") from None
-    config = _deep_merge(config, overrides)
+def load_ds_config(name: str, overrides: dict[str, Any], train: Any, output_dir: Path) -> dict[str, Any]:
+    """Read a DeepSpeed config (a ds_configs/ name or a path), merge overrides, fill every "auto" from the recipe,
+    keep DeepSpeed's output files inside ``output_dir`` and refuse settings that bypass jsarag's checkpointing."""
+    config = _deep_merge(_read_ds_config(name), overrides, "deepspeed.overrides")
     autos = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -67,21 +90,94 @@ def load_ds_config(name: str, overrides: dict[str, Any], train: Any) -> dict[str
     for key, value in autos.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
-    bf16 = config.setdefault("bf16", {})
+    bf16 = _section(config, ("bf16",), create=True)
     if bf16.get("enabled") == "auto":
         bf16["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    params = config.get("optimizer", {}).get("params", {})
+    params = _section(config, ("optimizer", "params")) or {}
     for key, value in {"lr": 1e-5, "betas": list(train.betas), "weight_decay": train.weight_decay}.items():
         if params.get(key) == "auto":
             params[key] = value
+    _refuse_unguarded_checkpointing(config)
+    _confine_writer_paths(config, output_dir)
     return config
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def _read_ds_config(name: str) -> dict[str, Any]:
+    """Read the JSON object of a DeepSpeed config file; every way it can be wrong is a RecipeError."""
+    path = Path(name) if Path(name).exists() else DS_CONFIG_DIR / name
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+        raise RecipeError(f"deepspeed.config: no file '{name}' (here or in {DS_CONFIG_DIR}: {known})") from None
+    except IsADirectoryError:
+        raise RecipeError(f"deepspeed.config: {path} is a folder; name a DeepSpeed JSON file (e.g. zero2.json)") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"deepspeed.config: {path} is not UTF-8 text; name a DeepSpeed JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"deepspeed.config: {path}: malformed JSON: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(f"deepspeed.config: cannot read {path}: {exc.strerror}") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"deepspeed.config: {path} holds a JSON {type(config).__name__}; a DeepSpeed config is a "
+                          "JSON object ({\"zero_optimization\": {...}, ...})")
+    return config
+
+
+def _deep_merge(base: dict, extra: dict, key: str) -> dict:
+    """Merge ``extra`` into ``base``; a section of settings may only be replaced by a mapping."""
     out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    for name, value in extra.items():
+        here, current = f"{key}.{name}", out.get(name)
+        if isinstance(current, dict) and not isinstance(value, dict):
+            raise RecipeError(f"{here}: {value!r} would replace the section '{name}' of the DeepSpeed config; write a "
+                              f"mapping of its settings, e.g. {name}: {{enabled: true}}")
+        out[name] = _deep_merge(current, value, here) if isinstance(current, dict) else value
     return out
+
+
+def _section(config: dict, keys: tuple[str, ...], create: bool = False) -> dict | None:
+    """Return the nested mapping at ``keys`` (None when absent, unless ``create``); one that is not a mapping is a
+    RecipeError."""
+    here: Any = config
+    for depth, key in enumerate(keys):
+        if key not in here and create:
+            here[key] = {}
+        here = here.get(key)
+        if here is None:
+            return None
+        if not isinstance(here, dict):
+            dotted = ".".join(keys[: depth + 1])
+            raise RecipeError(f"deepspeed.config/deepspeed.overrides: '{dotted}' must be a mapping of settings, got "
+                              f"{here!r}")
+    return here
+
+
+def _refuse_unguarded_checkpointing(config: dict) -> None:
+    """Refuse settings under which DeepSpeed would load or write checkpoints past GuardedCheckpointEngine."""
+    for keys, effect in UNGUARDED_CHECKPOINTING.items():
+        parent = _section(config, keys[:-1]) if len(keys) > 1 else config
+        value = parent.get(keys[-1]) if parent is not None else None
+        if value not in (None, False):
+            raise RecipeError(f"deepspeed.config/deepspeed.overrides: '{'.'.join(keys)}' is not supported: it {effect}, "
+                              "bypassing jsarag's safe checkpoint loading (weights_only) and complete-or-absent "
+                              "checkpoints; remove it")
+
+
+def _confine_writer_paths(config: dict, output_dir: Path) -> None:
+    """Resolve the paths DeepSpeed writes to under ``output_dir`` (absolute ones stay); fill empty monitor paths."""
+    for keys, default in WRITER_PATHS.items():
+        parent, dotted = _section(config, keys[:-1]), f"deepspeed.config {'.'.join(keys)}"
+        value = parent.get(keys[-1]) if parent is not None else None
+        if value in (None, ""):
+            if default is None or parent is None or not parent.get("enabled"):
+                continue
+            value = str(output_dir / default)  # DeepSpeed would write under the current folder
+        if not isinstance(value, str):
+            raise RecipeError(f"{dotted}: {value!r} is not a path")
+        parent[keys[-1]] = str(confined(value, output_dir, dotted))
+        if "job_name" in parent:  # monitors write into output_path/job_name
+            confined(str(parent["job_name"]), output_dir, f"deepspeed.config {keys[0]}.job_name")
 
 
 class Trainables(torch.nn.ModuleDict):
@@ -118,12 +214,60 @@ def build_engine(trainables: dict[str, Trainable], ds_config: dict[str, Any], tr
         lr_scheduler=schedule,
         config=ds_config,
     )
+    _guard_checkpointing(engine)
     return engine
+
+
+class GuardedCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save checkpoint engine, made safe to load from and to fail in.
+
+    ``load`` unpickles with ``weights_only=True``, allowing only CHECKPOINT_GLOBALS. ``save`` and ``makedirs`` record
+    the first failed write in ``failure`` (and skip the writes after it) instead of raising, so that every rank runs
+    DeepSpeed's save, collectives included, to the end; jsarag.checkpoint.save then stops every rank alike.
+    """
+
+    def __init__(self, config_params: Any = None) -> None:
+        super().__init__(config_params)
+        self.failure: str | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        """Write one file and flush it to disk, or record why not."""
+        def write() -> None:
+            TorchCheckpointEngine.save(self, state_dict, path)
+            fsync_file(Path(path))
+
+        self.attempt(path, write)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        """Create a folder, or record why not."""
+        self.attempt(path, lambda: os.makedirs(path, exist_ok=exist_ok))
+
+    def attempt(self, path: str, write: Callable[[], Any]) -> None:
+        """Run a write unless an earlier one failed; record its failure."""
+        if self.failure is not None:
+            return
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:  # torch.save's writer raises RuntimeError on a short write
+            self.failure = f"{path}: {describe_write_error(exc, Path(path).parent)}"
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        """Read a checkpoint file with weights_only=True: a file that pickles anything else is a TrainingError."""
+        return load_file(Path(path), map_location, CHECKPOINT_GLOBALS)
+
+
+def _guard_checkpointing(engine: Any) -> None:
+    """Swap the engine's checkpoint engine for a GuardedCheckpointEngine (DeepSpeed looks it up on every load and
+    save) and record a failed copy of DeepSpeed's recovery scripts (written beside the checkpoints) the same way."""
+    guard = GuardedCheckpointEngine(engine._config)
+    engine.checkpoint_engine = guard
+    copy_scripts = engine._copy_recovery_script
+    engine._copy_recovery_script = lambda save_path: guard.attempt(save_path, lambda: copy_scripts(save_path))
 
 
 def all_ranks_finite(value: torch.Tensor) -> bool:
     """True when ``value`` is finite on every rank (all ranks must agree to skip a step)."""
-    flag = torch.tensor([float(torch.isfinite(value.detach()).all())])
+    flag = torch.tensor([float(torch.isfinite(value.detach()).all())], device=get_accelerator().current_device_name())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)

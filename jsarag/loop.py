@@ -13,15 +13,17 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from jsarag import checkpoint
-from jsarag.engine import all_ranks_finite
-from jsarag.errors import TrainingError
+from jsarag.engine import CHECKPOINT_LOAD_ERRORS, all_ranks_finite
+from jsarag.errors import RecipeError, TrainingError
 from jsarag.evaluate import evaluate, write_predictions
+from jsarag.faults import fault_point, poisoned
 from jsarag.run import Run
 from jsarag.types import Batch, ScoreRequest, StepResult
 
@@ -72,11 +74,14 @@ def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]
     while len(losses) < run.recipe.train.grad_accum:
         batch = _next_batch(run, state)
         _, result = run.engine(lambda: _micro_step(run, batch))  # (loss, StepResult)
+        if poisoned("nonfinite_loss"):  # fault injection (JSARAG_FAULT): a transient NaN loss
+            result.loss = result.loss * float("nan")
         if not all_ranks_finite(result.loss):
             _count_nonfinite(run, state)
             continue
         state.nonfinite_in_row = 0
         run.engine.backward(result.loss)
+        fault_point("step")
         run.engine.step()
         losses.append(float(result.loss.detach()))
         stats.append(result.stats)
@@ -102,9 +107,13 @@ def _count_nonfinite(run: Run, state: LoopState) -> None:
     state.nonfinite_total += 1
     log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)", state.step + 1, state.nonfinite_in_row)
     if state.nonfinite_in_row >= run.recipe.train.max_nonfinite:
+        write_metrics(run, state)  # every rank is here (they agreed the loss was non-finite): a collective is safe
+        last = checkpoint.latest(_root(run))
+        kept = f"the last good checkpoint is {_root(run) / last}" if last else "no checkpoint was written yet"
         raise TrainingError(
-            f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1}; stopping. The last good "
-            f"checkpoint is in {run.recipe.output_dir / 'checkpoints'} (lower the learning rate, check the data)"
+            f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1} (train.max_nonfinite); "
+            f"stopping with {state.nonfinite_total} skipped in all (metrics.json: nonfinite_skipped); {kept}. Lower "
+            "the learning rate, set train.grad_clip, or check the data, then run again"
         )
 
 
@@ -125,12 +134,19 @@ def _next_batch(run: Run, state: LoopState) -> Batch:
 
 
 def _reduce_mean(losses: list[float], stats: list[dict[str, float]]) -> tuple[float, dict[str, float]]:
-    keys = sorted({k for s in stats for k in s})
-    values = torch.tensor([np.mean(losses)] + [np.mean([s.get(k, np.nan) for s in stats]) for k in keys])
+    """Average the loss and each stat over the micro-steps, then over the ranks that report it (collective)."""
+    everyone = [(losses, stats)]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(values)
-        values /= torch.distributed.get_world_size()
-    return float(values[0]), {k: float(v) for k, v in zip(keys, values[1:])}
+        everyone = [None] * torch.distributed.get_world_size()  # small dicts, whose keys may differ across ranks
+        torch.distributed.all_gather_object(everyone, (losses, stats))
+    loss = float(np.mean([np.mean(rank_losses) for rank_losses, _ in everyone]))
+    keys = sorted({k for _, rank_stats in everyone for s in rank_stats for k in s})
+    means = {}
+    for key in keys:
+        per_rank = [np.mean([s[key] for s in rank_stats if key in s]) for _, rank_stats in everyone
+                    if any(key in s for s in rank_stats)]
+        means[key] = float(np.mean(per_rank))
+    return loss, means
 
 
 # -- evaluation, metrics.json, checkpoints --------------------------------------------------------------------------
@@ -139,6 +155,7 @@ def _evaluate(run: Run, state: LoopState) -> None:
     record: dict[str, Any] = {"step": state.step}
     for split in run.eval_sets:
         record[split], samples, predictions = evaluate(run, split)
+        fault_point("eval")
         write_predictions(run, split, state.step, predictions)
         run.call("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
     state.history.append(record)
@@ -184,18 +201,23 @@ def _checkpointed(run: Run, step: int) -> bool:
 def _checkpoint(run: Run, state: LoopState) -> None:
     loop_state = {"loop": asdict(state), "rng": checkpoint.rng_state(),
                   "components": {k: c.state_dict() for k, c in run.components.items()}}
-    path = checkpoint.save(run.engine, _root(run), state.step, run.ctx.rank, loop_state, run.ctx.barrier)
+    path = checkpoint.save(run.engine, _root(run), state.step, run.ctx.rank, loop_state)
     if run.ctx.rank == 0:
         checkpoint.prune(_root(run), run.recipe.train.keep_checkpoints)
     run.call("on_checkpoint", step=state.step, path=path)
 
 
 def _resume(run: Run) -> LoopState:
+    """Restore the latest complete checkpoint (``resume: auto``); a fresh state when there is none."""
     root = _root(run)
-    tag = checkpoint.latest(root) if run.recipe.resume == "auto" else None
+    tag = checkpoint.latest(root)
     if tag is None:
         return LoopState()
-    run.engine.load_checkpoint(str(root), tag=tag)
+    if run.recipe.resume == "never":
+        raise RecipeError(f"resume: never, but {root} already holds checkpoints (the latest is {tag}); a new run there "
+                          "would mix two runs' checkpoints. Choose another output_dir, delete that folder, or set "
+                          "resume: auto to continue the run")
+    _load_engine(run, root, tag)
     saved = checkpoint.load_loop_state(root, tag, run.ctx.rank)
     checkpoint.set_rng_state(saved["rng"])
     for kind, component in run.components.items():
@@ -210,6 +232,20 @@ def load_latest_weights(run: Run) -> int:
     if tag is None:
         log.warning("no checkpoint in %s: evaluating the untrained models", _root(run))
         return 0
-    run.engine.load_checkpoint(str(_root(run)), tag=tag, load_module_only=True, load_optimizer_states=False,
-                               load_lr_scheduler_states=False)
+    _load_engine(run, _root(run), tag, load_module_only=True, load_optimizer_states=False,
+                 load_lr_scheduler_states=False)
     return LoopState(**checkpoint.load_loop_state(_root(run), tag, run.ctx.rank)["loop"]).step
+
+
+def _load_engine(run: Run, root: Path, tag: str, **options: bool) -> None:
+    """Load DeepSpeed's part of a checkpoint; what DeepSpeed cannot load (or only warns about) is a TrainingError."""
+    try:
+        load_path, _ = run.engine.load_checkpoint(str(root), tag=tag, **options)
+    except CHECKPOINT_LOAD_ERRORS as exc:  # missing files, other shapes or ranks
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise TrainingError(f"{root / tag}: DeepSpeed cannot resume from it ({reason}). If the "
+                            "recipe's models, ranks or ZeRO stage changed since, use another output_dir; if the folder "
+                            "is damaged, delete it to resume from the checkpoint before it") from exc
+    if load_path is None:
+        raise TrainingError(f"{root / tag}: DeepSpeed found no model states to load in it; delete that folder to "
+                            "resume from the checkpoint before it")

@@ -56,7 +56,7 @@ def build_run(recipe: Recipe, train: bool = True, kinds: tuple[str, ...] = BUILD
     kb = load_kb(split_path(data_dir, "passages"))
     output_dir = recipe.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train)
+    ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train, output_dir)
     ctx = RunContext(recipe=recipe, kb=kb, output_dir=output_dir, cache_dir=cache_dir(), device=device,
                      rank=rank, world_size=world, ds_config=ds_config)
     plugins = Plugins()
