@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from jsarag import hookimpl
 from jsarag.checkpoint import atomic_write
 from jsarag.components import Component, Options, RunContext
+from jsarag.errors import TrainingError
 
 log = logging.getLogger("jsarag.train")
 SHOWN = ("acceptance", "unique_states", "ess")  # estimator stats worth a place on the bar
@@ -78,10 +79,11 @@ class JsonlLog(Component):
 
     @hookimpl
     def on_train_start(self, start_step: int) -> None:
-        """On resumption, drop records of steps after the checkpoint: they are about to be redone."""
+        """On resumption, drop records of steps after the checkpoint: they are about to be redone (all of them when
+        the run starts afresh, and a last line a kill tore)."""
         if self.ctx.rank == 0 and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            atomic_write(self.path, "".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(self.path) if start_step > 0 and r["step"] <= start_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.ctx.rank == 0:
@@ -95,6 +97,22 @@ class JsonlLog(Component):
     @hookimpl
     def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
         self._write({"step": step, "time": time.time(), "split": split, **metrics})
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read train_log.jsonl; a last line that a kill tore mid-write is dropped, any other bad line is an error."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s:%d: dropping a torn last line (the run was killed while writing it)", path, number)
+                break
+            raise TrainingError(f"{path}:{number}: not a JSON record ({exc}); delete that line (or the file) and run "
+                                "again") from None
+    return records
 
 
 @hookimpl

@@ -3,7 +3,6 @@ with the change, setup notes, sample questions with retrieved passages and answe
 <output_dir>/plots/ (loss, JSA acceptance rate, evaluation metrics)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from jsarag import hookimpl
@@ -11,6 +10,7 @@ from jsarag.checkpoint import atomic_write
 from jsarag.components import Component, Options, RunContext
 from jsarag.plots import Steps, training_plots
 from jsarag.report import render_report
+from jsarag_plugins.observers.logging import read_records
 
 
 class Report(Component):
@@ -28,8 +28,7 @@ class Report(Component):
         """On resumption, take the earlier steps from train_log.jsonl (kept by ``jsonl_log``) when there is one."""
         log_file = self.ctx.output_dir / "train_log.jsonl"
         if self.ctx.rank == 0 and start_step > 0 and log_file.exists():
-            records = (json.loads(line) for line in log_file.read_text().splitlines() if line.strip())
-            self.steps = [r for r in records if "loss" in r and r["step"] <= start_step]
+            self.steps = [r for r in read_records(log_file) if "loss" in r and r["step"] <= start_step]
 
     @hookimpl
     def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
