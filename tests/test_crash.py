@@ -1,0 +1,353 @@
+"""Crash safety, with runs started the way users start them. Two ranks through the `deepspeed` launcher are killed with
+SIGKILL at a step, an evaluation and a checkpoint write (deterministic fault points: JSARAG_FAULT, jsarag/faults.py)
+and at a random moment; a checkpoint write fails on a full disk (RLIMIT_FSIZE) and on a permission error; checkpoint
+files and pointers are hostile. The previous checkpoint must stay intact, every failure must say what to do, and
+running the same command again (resume: auto) must end exactly where an uninterrupted run ends: every tensor of the
+checkpoint (parameters, optimizer states, JSA cache, RNG states), metrics.json and the training log."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, _free_port, read_log, run_cli, tiny_recipe_dict
+from jsarag import checkpoint
+from jsarag.engine import CHECKPOINT_GLOBALS
+from jsarag.errors import TrainingError
+
+POSTERIOR = {"posterior_top_k": 4, "posterior_lr": 1e-3}
+# JSA with its cache, 2 ranks x 4 examples: 6 steps an epoch, so steps 7-8 start their chains from the cache
+JSA_ZERO2 = {"estimator": {"name": "jsa", "proposals": 8, "cache": True}, "retriever": POSTERIOR,
+             "train": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "checkpoint_every": 2},
+             "eval": {"max_examples": 4}, "deepspeed": {"config": "zero2.json"}}
+# ZeRO-0: rank 0 alone writes the model and optimizer states (MiBs), rank 1 only its loop state (KiBs)
+RAG_ZERO0 = {"train": {"max_steps": 6, "batch_size": 2, "checkpoint_every": 2}, "eval": {"max_examples": 4},
+             "deepspeed": {"config": "zero0.json"}}
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2  # <linux/prctl.h>, <linux/capability.h>
+
+
+@dataclass
+class Reference:
+    """An uninterrupted run to compare against."""
+
+    output_dir: Path
+    seconds: float
+
+
+def write_recipe(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Path:
+    """Write the tiny recipe with ``sections`` merged in, training into ``folder``/run."""
+    recipe = tiny_recipe_dict(data_dir, folder / "run")
+    for key, value in sections.items():
+        recipe[key] = {**recipe[key], **value} if isinstance(recipe.get(key), dict) else value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def start(recipe: Path, *overrides: str, env: dict[str, str] | None = None,
+          preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+    """Start `deepspeed --num_gpus 2 --module jsarag train` (as conftest.run_cli does) in a process group of its own."""
+    command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+               "--module", "jsarag", "train", "--config", str(recipe), *overrides]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JSARAG_FAULT")}
+    env = {**base, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=preexec_fn)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a started job (killing its whole group if it hangs past ``timeout``)."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"the job hung for {timeout} s and was killed\n{out[-3000:]}\n{err[-5000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def launch(recipe: Path, *overrides: str, **options: Any) -> subprocess.CompletedProcess:
+    """Run a 2-rank training job to its end."""
+    return finish(start(recipe, *overrides, **options))
+
+
+def succeeded(done: subprocess.CompletedProcess) -> bool:
+    """True when the job exited 0 (its output is printed otherwise, for the test report)."""
+    if done.returncode != 0:
+        print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
+    return done.returncode == 0
+
+
+def load_pt(path: Path) -> Any:
+    """Read a checkpoint file the way resuming does (weights_only, DeepSpeed's own classes allowed)."""
+    return checkpoint.load_file(path, "cpu", CHECKPOINT_GLOBALS)
+
+
+def assert_equal(a: Any, b: Any, where: str) -> None:
+    """Assert two loaded checkpoint values are identical: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):  # DeepSpeed's loss scaler
+        assert type(a) is type(b), where
+        assert_equal(vars(a), vars(b), where)
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN equals NaN here
+
+
+def assert_same_run(expected: Path, actual: Path, step: int) -> None:
+    """Two runs ended alike: every file of the final checkpoint, metrics.json and the training log."""
+    tag = checkpoint.tag_for(step)
+    a, b = expected / "checkpoints" / tag, actual / "checkpoints" / tag
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert {"loop_rank0.pt", "loop_rank1.pt"} <= set(names)
+    for name in names:
+        assert_equal(load_pt(a / name), load_pt(b / name), name)
+    assert checkpoint.latest(actual / "checkpoints") == tag
+    assert not list((actual / "checkpoints").glob(".*-step-*")), "a hidden half or old checkpoint was left behind"
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (expected, actual)]
+    assert metrics[0] == metrics[1] and metrics[0]["final"]
+    log_a, log_b = read_log(expected), read_log(actual)
+    assert [r["step"] for r in log_a] == list(range(1, step + 1))
+    assert log_a == [dict(r, time=x["time"]) for r, x in zip(log_b, log_a)] and len(log_a) == len(log_b)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with the hash of its content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def reference_run(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Reference:
+    """Train uninterrupted and time it (after one single-process step has built the tiny models and the index, so
+    that the time is the job's alone)."""
+    recipe = write_recipe(data_dir, folder, sections)
+    run_cli("train", "--config", str(recipe), f"output_dir={folder / 'warm-up'}", "train.max_steps=1",
+            "eval.max_examples=1")
+    began = time.perf_counter()
+    assert succeeded(launch(recipe))
+    return Reference(folder / "run", time.perf_counter() - began)
+
+
+@pytest.fixture(scope="module")
+def jsa_reference(tiny_data, tmp_path_factory) -> Reference:
+    """JSA (cache on), ZeRO-2, 2 ranks, 8 steps, uninterrupted."""
+    return reference_run(tiny_data, tmp_path_factory.mktemp("jsa-reference"), JSA_ZERO2)
+
+
+@pytest.fixture(scope="module")
+def rag_reference(tiny_data, tmp_path_factory) -> Reference:
+    """RAG, ZeRO-0, 2 ranks, 6 steps, uninterrupted."""
+    return reference_run(tiny_data, tmp_path_factory.mktemp("rag-reference"), RAG_ZERO0)
+
+
+# -- kill -9 ----------------------------------------------------------------------------------------------------------
+
+KILLS = {  # JSARAG_FAULT, the rank killed, the last complete checkpoint at the kill
+    "step": ("step:5", "1", 4),  # step 5, after backward, before the optimizer step
+    "eval": ("eval:1", "0", 2),  # the evaluation at step 4, before its metrics and step 4's checkpoint
+    "checkpoint_written": ("checkpoint_written:2", "0", 2),  # step 4's files all written, not renamed into place
+    "checkpoint_renamed": ("checkpoint_renamed:2", "0", 2),  # step-0000004 in place, `latest` still names step 2
+}
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("point", KILLS)
+def test_kill_9_then_resume_equals_uninterrupted_run(point, jsa_reference, tiny_data, tmp_path):
+    fault, rank, survivor = KILLS[point]
+    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
+    killed = launch(recipe, env={"JSARAG_FAULT": fault, "JSARAG_FAULT_RANK": rank})
+    assert killed.returncode != 0 and f"fault injected: SIGKILL at {fault}" in killed.stdout, killed.stderr[-3000:]
+    root = tmp_path / "run" / "checkpoints"
+    assert checkpoint.latest(root) == checkpoint.tag_for(survivor)
+    if point == "checkpoint_written":
+        assert (root / ".tmp-step-0000004" / "loop_rank0.pt").is_file()  # the half checkpoint is there, unused
+    if point == "checkpoint_renamed":
+        assert (root / "latest").read_text() == "step-0000002" and (root / "step-0000004").is_dir()
+
+    resumed = launch(recipe)  # the same command again: resume: auto
+    assert succeeded(resumed)
+    assert f"resumed from {root / checkpoint.tag_for(survivor)}" in resumed.stderr
+    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
+
+
+@pytest.mark.launcher
+def test_kill_9_of_the_whole_job_at_a_random_moment(jsa_reference, tiny_data, tmp_path):
+    seed = int(os.environ.get("JSARAG_KILL_SEED") or random.SystemRandom().randrange(2**32))
+    delay = random.Random(seed).uniform(0.3, 0.95) * jsa_reference.seconds
+    print(f"\nrandom kill: JSARAG_KILL_SEED={seed}: SIGKILL to the job's process group after {delay:.1f} s "
+          f"(an uninterrupted run took {jsa_reference.seconds:.1f} s)")
+    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
+    job = start(recipe)
+    try:
+        job.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(job.pid, signal.SIGKILL)
+    finish(job)
+    root = tmp_path / "run" / "checkpoints"
+    hidden = sorted(p.name for p in root.glob(".*-step-*")) if root.is_dir() else []
+    print(f"at the kill: latest complete checkpoint {checkpoint.latest(root)}, hidden folders {hidden}")
+
+    assert succeeded(launch(recipe))
+    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
+
+
+# -- write errors while checkpointing ---------------------------------------------------------------------------------
+
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """A preexec_fn setting RLIMIT_FSIZE: a longer write fails with EFBIG (Python ignores SIGXFSZ), like a full disk."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def without_root_override() -> None:
+    """A preexec_fn dropping CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH: root then obeys file modes like any user (the
+    interpreter may live under /root, 0700, so the job cannot run as `nobody`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def assert_write_error_stops_cleanly(failed: subprocess.CompletedProcess, root: Path, before: dict[str, str],
+                                     reason: str) -> None:
+    """Both ranks stopped with the same clear error, exit code 2; the checkpoints are as they were."""
+    assert failed.returncode == 2, failed.stderr[-5000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("jsarag: error: could not write checkpoint")]
+    assert len(errors) == 2 and errors[0] == errors[1], failed.stderr[-5000:]  # one per rank, the same words
+    assert f"{root / 'step-0000004'}: " in errors[0] and reason in errors[0]
+    assert f"the previous checkpoint {root / 'step-0000002'} is intact" in errors[0]
+    assert "run the same command again" in errors[0]
+    assert snapshot(root) == before  # step 2 untouched, `latest` unchanged, no half checkpoint left
+    assert checkpoint.latest(root) == "step-0000002"
+
+
+@pytest.mark.launcher
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(rag_reference, tiny_data, tmp_path):
+    recipe = write_recipe(tiny_data, tmp_path, RAG_ZERO0)
+    assert succeeded(launch(recipe, "train.stop_at=2"))
+    root = tmp_path / "run" / "checkpoints"
+    before = snapshot(root)
+    limit = (root / "step-0000002" / "mp_rank_00_model_states.pt").stat().st_size // 4
+    assert (root / "step-0000002" / "loop_rank1.pt").stat().st_size < limit  # rank 1's writes fit: only rank 0 fails
+
+    failed = launch(recipe, preexec_fn=file_size_limit(limit))
+    assert_write_error_stops_cleanly(failed, root, before, f"rank 0: {root / '.tmp-step-0000004'}")
+    assert "file size limit reached" in failed.stderr
+
+    assert succeeded(launch(recipe))  # space again: the same command resumes and finishes
+    assert_same_run(rag_reference.output_dir, tmp_path / "run", 6)
+
+
+@pytest.mark.launcher
+def test_permission_denied_while_checkpointing_keeps_the_previous_checkpoint(rag_reference, tiny_data, tmp_path):
+    recipe = write_recipe(tiny_data, tmp_path, RAG_ZERO0)
+    assert succeeded(launch(recipe, "train.stop_at=2"))
+    root = tmp_path / "run" / "checkpoints"
+    before = snapshot(root)
+    root.chmod(0o555)
+    try:
+        failed = launch(recipe, preexec_fn=without_root_override if os.geteuid() == 0 else None)
+    finally:
+        root.chmod(0o755)
+    assert_write_error_stops_cleanly(failed, root, before, "permission denied")
+
+    assert succeeded(launch(recipe))
+    assert_same_run(rag_reference.output_dir, tmp_path / "run", 6)
+
+
+# -- hostile and stale files ------------------------------------------------------------------------------------------
+
+class CreatesMarker:
+    """Unpickling this runs `touch <marker>`: what a hostile checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_a_hostile_checkpoint_file_is_refused_unexecuted(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 4, "checkpoint_every": 2}, eval={"max_examples": 2},
+                         deepspeed={"config": "zero1.json"})
+    run_cli("train", "--config", str(recipe), "train.stop_at=2")
+    victim = tmp_path / "run" / "checkpoints" / "step-0000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker, control = tmp_path / "marker", tmp_path / "control"
+    torch.save({"optimizer_state_dict": CreatesMarker(marker)}, victim)
+    torch.save(CreatesMarker(control), tmp_path / "control.pt")
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load('{tmp_path / 'control.pt'}', weights_only=False)"],
+                   check=True, capture_output=True)
+    assert control.exists()  # the payload is real: unpickled without weights_only, it runs
+
+    done = run_cli("train", "--config", str(recipe), check=False)
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert f"jsarag: error: {victim}: refused to load" in done.stderr and "posix.system" in done.stderr
+    assert not marker.exists()
+
+
+def test_latest_pointer_is_validated_and_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for tag in ("step-0000002", "step-0000010", ".tmp-step-0000012"):
+        (root / tag).mkdir(parents=True)
+    assert checkpoint.latest(root) == "step-0000010"  # no pointer (killed before writing it): newest by step
+    (root / "latest").write_text("step-0000004")  # names a missing folder
+    assert checkpoint.latest(root) == "step-0000010"
+    (root / "latest").write_text("step-0000002")
+    assert checkpoint.latest(root) == "step-0000002"
+    (root / "latest").write_text("../../elsewhere")
+    with pytest.raises(TrainingError, match=r"latest names '../../elsewhere', which is not a checkpoint folder"):
+        checkpoint.latest(root)
+
+
+def test_prune_keeps_the_newest_by_step_and_never_the_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (200, 300, 400, 500, 10_000_000):  # step 10,000,000 has 8 digits: sorting by name would misplace it
+        (root / checkpoint.tag_for(step)).mkdir(parents=True)
+    (root / "latest").write_text("step-0000300")  # an older run's later folders are around
+    checkpoint.prune(root, keep=2)
+    assert checkpoint.complete_tags(root) == ["step-0000300", "step-0000500", "step-10000000"]
+
+
+def test_resume_never_refuses_an_output_dir_with_checkpoints(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 2, "checkpoint_every": 1}, eval={"max_examples": 2})
+    run_cli("train", "--config", str(recipe), "train.stop_at=1")
+    done = run_cli("train", "--config", str(recipe), "resume=never", check=False)
+    assert done.returncode == 2
+    assert f"resume: never, but {tmp_path / 'run' / 'checkpoints'} already holds checkpoints" in done.stderr
+    assert checkpoint.latest(tmp_path / "run" / "checkpoints") == "step-0000001"
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 3, "checkpoint_every": 1}, eval={"max_examples": 2},
+                         observers=["jsonl_log", "report"])
+    run_cli("train", "--config", str(recipe), "train.stop_at=2")
+    log_file = tmp_path / "run" / "train_log.jsonl"
+    with log_file.open("a") as f:
+        f.write('{"step": 3, "time": 1.0, "lo')  # a kill -9 in the middle of a write
+    run_cli("train", "--config", str(recipe))
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1, 2, 3]
+    assert (tmp_path / "run" / "report.md").exists()
