@@ -1,5 +1,6 @@
 """Training end to end, started the way users start it: resume equals an uninterrupted run; two ranks under
-ZeRO-3 through the `deepspeed` launcher lower the loss; the shipped recipe script runs."""
+ZeRO-3 through the `deepspeed` launcher lower the loss; the shipped recipe script runs; non-finite losses are skipped
+and counted, and a diverged run stops keeping its last good checkpoint; a bad DeepSpeed config is a RecipeError."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 from conftest import REPO, read_log, run_cli
+from jsarag import checkpoint
+from jsarag.engine import load_ds_config
+from jsarag.errors import RecipeError
+from jsarag.recipe import TrainConfig
 
 
 def _module_state(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -66,3 +71,90 @@ def test_the_tiny_recipe_script_runs_as_users_launch_it(tmp_path):
     assert "| step | split |" in done.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [0, 3]
+
+
+# -- non-finite losses ------------------------------------------------------------------------------------------------
+
+def test_persistent_divergence_stops_after_max_nonfinite_keeping_the_last_good_checkpoint(tiny_recipe, tmp_path):
+    # lr 1e30 without clipping: AdamW's first update moves every generator weight by about 1e30, so every later loss
+    # is inf or NaN
+    recipe = tiny_recipe(generator={"lr": 1e30},
+                         train={"max_steps": 6, "grad_clip": 0, "checkpoint_every": 1, "max_nonfinite": 3})
+    done = run_cli("train", "--config", str(recipe), check=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert done.returncode == 2, done.stderr[-4000:]
+    assert "jsarag: error: 3 non-finite losses in a row at step 2 (train.max_nonfinite)" in done.stderr
+    assert f"the last good checkpoint is {root / 'step-0000001'}" in done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["nonfinite_skipped"] == 3 and metrics["final"] == {}
+    assert [r["step"] for r in read_log(tmp_path / "run")] == [1]
+    assert checkpoint.complete_tags(root) == ["step-0000001"] and checkpoint.latest(root) == "step-0000001"
+    loop = checkpoint.load_file(root / "step-0000001" / "loop_rank0.pt", "cpu")["loop"]
+    assert loop["step"] == 1 and loop["nonfinite_total"] == 0
+
+    evaluated = run_cli("eval", "--config", str(recipe))  # the kept checkpoint loads through the engine
+    assert "step 1 dev:" in evaluated.stdout
+
+
+@pytest.mark.launcher
+def test_a_transient_nonfinite_loss_is_skipped_and_counted(tiny_recipe, tmp_path, monkeypatch):
+    # fault injection: rank 1's third micro-step's loss becomes NaN; both ranks must agree to skip it
+    monkeypatch.setenv("JSARAG_FAULT", "nonfinite_loss:3")
+    monkeypatch.setenv("JSARAG_FAULT_RANK", "1")
+    recipe = tiny_recipe(train={"max_steps": 6}, eval={"max_examples": 4})
+    done = run_cli("train", "--config", str(recipe), launcher_ranks=2)
+    assert done.stderr.count("non-finite loss at step 3: micro-batch skipped (1 in a row)") == 2  # both ranks
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["nonfinite_skipped"] == 1 and metrics["final"]["dev"]
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in log)
+
+
+# -- the DeepSpeed config ---------------------------------------------------------------------------------------------
+
+def _bad_config(tmp_path: Path, kind: str) -> tuple[str, dict]:
+    """A DeepSpeed config name and overrides that are wrong in one way."""
+    if kind == "folder":
+        return str(tmp_path), {}
+    if kind in ("latin-1", "list"):
+        path = tmp_path / "ds.json"
+        path.write_bytes(b'{"zero_optimization": {"stage": 0}, "comment": "caf\xe9"}' if kind == "latin-1" else b"[1, 2]")
+        return str(path), {}
+    return "zero0.json", {
+        "override of a section by a number": {"bf16": 1},
+        "universal checkpoints": {"checkpoint": {"load_universal": True}},
+        "decoupled writer": {"checkpoint": {"writer": {"decoupled": True}}},
+        "climbing writer path": {"tensorboard": {"enabled": True, "output_path": "../../elsewhere"}},
+    }[kind]
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("folder", r"deepspeed.config: .* is a folder"),
+    ("latin-1", r"deepspeed.config: .*ds.json is not UTF-8 text"),
+    ("list", r"deepspeed.config: .*ds.json holds a JSON list"),
+    ("override of a section by a number", r"deepspeed.overrides.bf16: 1 would replace the section 'bf16'"),
+    ("universal checkpoints", r"'checkpoint.load_universal' is not supported"),
+    ("decoupled writer", r"'checkpoint.writer' is not supported"),
+    ("climbing writer path", r"tensorboard.output_path: the relative path '../../elsewhere' climbs out"),
+])
+def test_a_bad_deepspeed_config_is_a_recipe_error(tmp_path, kind, message):
+    name, overrides = _bad_config(tmp_path, kind)
+    with pytest.raises(RecipeError, match=message):
+        load_ds_config(name, overrides, TrainConfig(), tmp_path / "run")
+
+
+def test_deepspeed_writes_inside_output_dir_unless_given_an_absolute_path(tmp_path):
+    overrides = {"tensorboard": {"enabled": True, "output_path": "tb"}, "csv_monitor": {"enabled": True},
+                 "flops_profiler": {"enabled": True, "output_file": "/abs/flops.txt"},
+                 "zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "swap"}}}
+    config = load_ds_config("zero0.json", overrides, TrainConfig(), tmp_path / "run")
+    assert config["tensorboard"]["output_path"] == str(tmp_path / "run" / "tb")
+    assert config["csv_monitor"]["output_path"] == str(tmp_path / "run" / "csv_monitor")  # DeepSpeed: the cwd
+    assert config["flops_profiler"]["output_file"] == "/abs/flops.txt"
+    assert config["zero_optimization"]["offload_optimizer"]["nvme_path"] == str(tmp_path / "run" / "swap")
+
+
+def test_a_mistyped_deepspeed_override_stops_the_run_with_a_clear_message(tiny_recipe):
+    done = run_cli("train", "--config", str(tiny_recipe()), 'deepspeed.overrides={"bf16": 1}', check=False)
+    assert done.returncode == 2
+    assert "jsarag: error: deepspeed.overrides.bf16: 1 would replace the section 'bf16'" in done.stderr
