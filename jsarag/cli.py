@@ -35,15 +35,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_arguments(bench.add_parser("retrieval", help="index build/search throughput and recall@k vs raw FAISS"))
+    from jsarag.bench_quality import add_arguments as bench_quality_arguments
+
+    bench_quality_arguments(bench.add_parser("quality", help="train estimators alike per dataset and seed; score them"))
     from jsarag.bench_step import add_arguments as step_cost_arguments
 
     step_cost_arguments(bench.add_parser("step-cost", help="seconds, generator tokens and memory of a step per estimator"))
+    from jsarag.subset import add_arguments as subset_arguments
+
+    data = commands.add_parser("data", help="data folders").add_subparsers(dest="action", required=True)
+    subset_arguments(data.add_parser("subset", help="cut a small, self-consistent data folder from a large one"))
     diagnose = commands.add_parser("diagnose", help="diagnostics").add_subparsers(dest="action", required=True)
     grad = diagnose.add_parser("grad-variance", help="each estimator's gradient bias, variance and cost vs exact")
     grad.add_argument("--estimators", default="rag,vrag,jsa,exact",
                       help="comma-separated; LABEL:NAME measures one twice, LABEL.key=value sets its options")
     grad.add_argument("--draws", type=int, default=20, help="independent draws per estimator")
     grad.add_argument("--out", type=Path, help="JSON report (default: <output_dir>/grad_variance.json)")
+    grad.add_argument("--checkpoints", type=Path, metavar="RUN_DIR",
+                      help="measure at the models as built and at every checkpoint of this run (plots per step)")
     _recipe_arguments(grad, required=True)
     compare = commands.add_parser("compare", help="several runs' final metrics side by side (Markdown table)")
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a run")
@@ -51,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
-        "diagnose": _diagnose,
+        "diagnose": _diagnose, "data": _data,
     }
-    in_process = args.command in ("plugins", "compare") or args.command == "bench" and args.what != "step-cost"
+    in_process = args.command in ("plugins", "compare", "data") or args.command == "bench" and args.what != "step-cost"
     _exit(lambda: handlers[args.command](args), distributed=not in_process)
 
 
@@ -146,11 +155,21 @@ def _index(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from jsarag.diagnose import grad_variance
 
-    grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out)
+    grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out, args.checkpoints)
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from jsarag.subset import main as subset
+
+    return subset(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.what == "quality":
+        from jsarag.bench_quality import main as bench_quality
+
+        return bench_quality(args)
     if args.what == "step-cost":
         from jsarag.bench_step import main as step_cost
 

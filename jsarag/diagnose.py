@@ -99,8 +99,12 @@ class Measured:
 
 # -- the command ----------------------------------------------------------------------------------------------------
 
-def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws: int, out: Path | None) -> dict:
-    """Measure each estimator's gradient bias, variance and cost; write the JSON report and print a Markdown table."""
+def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws: int, out: Path | None,
+                  checkpoints: Path | None = None) -> dict:
+    """Measure each estimator's gradient bias, variance and cost; write the JSON report and print a Markdown table.
+
+    With ``checkpoints`` (a run's output_dir), measure at the models as built (step 0) and at each of its checkpoints.
+    """
     if draws < 2:
         raise RecipeError(f"--draws {draws}: the variance needs at least 2 draws")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -114,22 +118,74 @@ def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws
     reference = next((s for s in studies if s.name == REFERENCE), None) or \
         Study(REFERENCE, REFERENCE, estimator_options(REFERENCE, REFERENCE, {}, recipe, plugins))
     check_kb_size(recipe, reference.options)
-    report = study_run(recipe, reference, studies, draws)
+    sweep = checkpoint_tags(checkpoints) if checkpoints is not None else None
+    report = study_run(recipe, reference, studies, draws, sweep)
     path = out or recipe.output_dir / "grad_variance.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
-    print(markdown(report))
+    if sweep is None:
+        print(markdown(report))
+    else:
+        from jsarag.plots import gradient_sweep_plots
+
+        print("\n\n".join(f"### step {entry['step']}\n\n" + markdown(entry) for entry in report["steps"]))
+        for plot in gradient_sweep_plots(path.with_suffix(""), report):
+            print(f"plot: {plot}")
     print(f"\nwritten to {path}")
     return report
 
 
-def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int) -> dict:
-    """Build the run once, take the exact gradient, measure every study; return the report."""
+def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int,
+              sweep: list[tuple[int, Path]] | None = None) -> dict:
+    """Build the run once; measure every study at the models as built, or at each (step, checkpoint) of ``sweep``."""
     from jsarag.run import build_run
 
     run = build_run(reference_recipe(recipe, reference.options), train=False)
     groups = trainable_groups(run)
     examples = fixed_batch(recipe, run)
+    if sweep is None:
+        return study_once(recipe, run, reference, studies, draws, groups, examples)
+    modules = torch.nn.ModuleDict({n: t.module for c in run.components.values() for n, t in c.trainable().items()})
+    initial = {k: v.detach().clone() for k, v in modules.state_dict().items()}
+    steps = []
+    for step, folder in [(0, None), *sweep]:
+        missing = load_weights(modules, folder, initial)
+        entry = study_once(recipe, run, reference, studies, draws, groups, examples)
+        steps.append({"step": step, "checkpoint": str(folder) if folder else None, "not_in_checkpoint": missing,
+                      **entry})
+    return {"settings": steps[0]["settings"], "steps": steps}
+
+
+def checkpoint_tags(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint of a run, by step."""
+    root = Path(output_dir) / "checkpoints"
+    found = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if p.is_dir()
+                   and p.name.split("-")[1].isdigit())
+    if not found:
+        raise RecipeError(f"--checkpoints {output_dir}: no complete checkpoint in {root} (set train.checkpoint_every "
+                          "and train.keep_checkpoints high enough in the run to study)")
+    return found
+
+
+def load_weights(modules: torch.nn.ModuleDict, folder: Path | None, initial: dict[str, torch.Tensor]) -> list[str]:
+    """Load a checkpoint's weights (ZeRO 0-2: its model states file) into ``modules``, or ``initial`` for None;
+    return the parameter names the checkpoint did not have (they keep their initial values)."""
+    if folder is None:
+        modules.load_state_dict(initial)
+        return []
+    states = Path(folder) / "mp_rank_00_model_states.pt"
+    if not states.exists() or any(Path(folder).glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raise RecipeError(f"{folder}: diagnose reads ZeRO 0-2 checkpoints (one model states file); convert a ZeRO-3 "
+                          "one with DeepSpeed's zero_to_fp32.py first")
+    saved = torch.load(states, map_location="cpu", weights_only=True)["module"]
+    missing = sorted(set(initial) - set(saved))
+    modules.load_state_dict({**initial, **{k: v for k, v in saved.items() if k in initial}})
+    return missing
+
+
+def study_once(recipe: Recipe, run: Run, reference: Study, studies: list[Study], draws: int, groups: Groups,
+               examples: list[Example]) -> dict:
+    """Take the exact gradient at the run's current weights and measure every study against it."""
     mode = recipe.retriever.options.candidates
     exact = measure(run, run.components["estimator"], REFERENCE, examples, groups, 1, "all", recipe.train.seed)
     gradient = {name: m.mean for name, m in exact.moments.items()}

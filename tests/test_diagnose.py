@@ -144,3 +144,22 @@ def test_moments_match_torch():
     summary = group_summary(moments, draws.mean(0), cost=10.0)
     assert summary["bias"] == pytest.approx(0.0, abs=1e-12) and summary["bias_corrected"] == 0.0
     assert summary["relative_variance"] == pytest.approx(float(draws.var(0).sum() / draws.mean(0).norm() ** 2))
+
+
+def test_grad_variance_at_every_checkpoint_of_a_run(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(estimator={"name": "jsa", "proposals": 8},
+                         retriever={"posterior_top_k": 4, "posterior_lr": 1e-3},
+                         train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 5})
+    run_cli("train", "--config", str(recipe))
+    out = tmp_path / "sweep.json"
+    run_cli("diagnose", "grad-variance", "--config", str(recipe), "--estimators", "vrag,jsa", "--draws", "3",
+            "--checkpoints", str(tmp_path / "run"), "--out", str(out), *SMALL_PROMPTS)
+    report = json.loads(out.read_text())
+    assert [entry["step"] for entry in report["steps"]] == [0, 2, 4]
+    assert all(entry["not_in_checkpoint"] == [] for entry in report["steps"])
+    norms = [entry["exact_norms"]["generator"] for entry in report["steps"]]
+    assert len(set(norms)) == 3  # each step's weights were loaded: the exact gradient moved
+    for entry in report["steps"]:
+        assert set(entry["estimators"]) == {"vrag", "jsa"}
+        assert set(entry["estimators"]["jsa"]["groups"]) == GROUPS
+    assert (tmp_path / "sweep_norms.png").stat().st_size > 0 and (tmp_path / "sweep_variance.png").stat().st_size > 0
