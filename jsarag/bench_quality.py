@@ -1,0 +1,488 @@
+"""``jsarag bench quality``: train each estimator alike on each dataset and seed, and score it on held-out data.
+
+Every (dataset, estimator, seed) is one ordinary training run, started in a subprocess exactly as a user starts one
+(``python -m jsarag train --config <config> <overrides>``), into ``<out>/<dataset>/<estimator>/seed<k>``. All runs share
+the config's models and knobs and the command's ``key=value`` overrides; per run the bench sets only the output
+folder, ``data.dir``, the evaluation split (``test`` where the folder has one, else ``dev``), ``train.seed`` and the
+estimator section. An estimator's options are the config's when the config names that estimator, else the plugin's
+defaults, with ``likelihood`` copied from the config's estimator (all score answers alike), ``top_k`` (VRAG's ELBO
+size) set to ``retriever.posterior_top_k`` unless given, and ``LABEL.key=value`` options on top.
+
+Each run folder keeps ``bench_quality.json`` (the run's merged recipe and its wall time) and ``bench_train.log`` (the
+run's output). A finished run (``metrics.json`` with a ``final`` entry) is reused; an unfinished one resumes through
+the recipe's ``resume: auto``; a folder made with other settings is an error, never silently mixed in.
+
+    jsarag bench quality --datasets doqa=,squad=../shared/data/squad_v1.1 --seeds 0,1,2 train.max_steps=200
+
+Writes ``<out>/quality.json`` (every run, the mean and sample standard deviation over seeds, the machine and the
+command), ``<out>/quality.md`` (a table per dataset) and ``<out>/quality.png``; prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jsarag.data import default_data_dir, is_file
+from jsarag.errors import DataError, JsaragError, RecipeError, TrainingError
+from jsarag.paths import climbs, plain_name
+
+if TYPE_CHECKING:  # torch and pydantic load only when the command runs, not whenever `jsarag` builds its parser
+    from jsarag.plugins import Plugins
+    from jsarag.recipe import Recipe
+
+RECORD = "bench_quality.json"  # in each run folder: the run's merged recipe and its wall time
+LOG = "bench_train.log"  # in each run folder: the training subprocess's stdout and stderr
+OWNED = ("output_dir", "data.dir", "data.eval_splits", "train.seed", "estimator")  # keys the bench sets per run
+TAIL_LINES = 40  # lines of a failed run's output printed
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One data folder of the bench: its name (a folder of --out), its path (None = embedded DoQA), its eval split."""
+
+    name: str
+    dir: Path | None
+    split: str
+
+
+@dataclass
+class Job:
+    """One training run of the bench and the outcome read from its folder."""
+
+    dataset: Dataset
+    label: str
+    seed: int
+    output_dir: Path
+    overrides: list[str]
+    recipe: Recipe
+    reused: bool = False
+    wall_s: float | None = None
+    step: int = 0
+    examples: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``jsarag bench quality``."""
+    parser.add_argument("--config", type=Path, default=Path("recipes/dialog_jsa.yaml"),
+                        help="recipe with the models and knobs shared by every run (its estimator is replaced)")
+    parser.add_argument("--estimators", default="rag,vrag,jsa",
+                        help="comma-separated estimator names; LABEL:NAME runs one twice, LABEL.key=value sets options")
+    parser.add_argument("--datasets", default="doqa=,squad=../shared/data/squad_v1.1",
+                        help="comma-separated NAME=DATA_DIR (empty DATA_DIR = the embedded DoQA cooking)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed values")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_quality"), help="folder of the runs and results")
+    parser.add_argument("--num-gpus", type=int, default=0,
+                        help="launch each run under `deepspeed --num_gpus N` (0: one plain process)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides for every run, e.g. train.max_steps=100 eval.max_examples=200")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Plan every run (validating its recipe), train or reuse each, then write and print the results."""
+    jobs, settings = plan(args)
+    out = _writable_out(args.out)
+    for position, job in enumerate(jobs, 1):
+        run_job(job, f"[{position}/{len(jobs)}]", args.config, args.num_gpus)
+    report = build_report(jobs, settings)
+    markdown = render_markdown(report)
+    write_text(out / "quality.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(out / "quality.md", markdown + "\n")
+    draw_chart(out / "quality.png", report)
+    print(f"\n{markdown}\n\nwritten: {out / 'quality.json'}, {out / 'quality.md'}, {out / 'quality.png'}")
+    return 0
+
+
+# -- planning -------------------------------------------------------------------------------------------------------
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
+    """Every run's overrides and validated recipe, in order (dataset, estimator, seed); the bench's settings."""
+    if args.num_gpus < 0:
+        raise RecipeError(f"--num-gpus {args.num_gpus}: give 0 (one process) or a number of GPUs")
+    from jsarag.diagnose import parse_estimators, split_overrides
+    from jsarag.plugins import Plugins
+    from jsarag.recipe import load_recipe
+
+    plugins = Plugins()
+    pairs = parse_estimators(args.estimators)
+    for label, _ in pairs:
+        _plain("--estimators", label)
+    recipe_overrides, given = split_overrides(args.overrides, [label for label, _ in pairs])
+    check_owned(recipe_overrides)
+    check_labels(recipe_overrides, set(plugins.registry()["estimator"]))
+    shared = ["eval.at_start=false", *recipe_overrides]
+    base = load_recipe(args.config, shared, plugins)
+    estimators = {label: (name, estimator_values(name, label, given[label], base, plugins)) for label, name in pairs}
+    datasets, seeds = parse_datasets(args.datasets), parse_seeds(args.seeds)
+    out = args.out.absolute() if climbs(args.out) else args.out  # a relative output_dir may not climb with '..'
+    jobs = []
+    for dataset in datasets:
+        for label, (name, values) in estimators.items():
+            for seed in seeds:
+                folder = out / dataset.name / label / f"seed{seed}"
+                overrides = shared + run_overrides(folder, dataset, seed, name, values)
+                jobs.append(Job(dataset, label, seed, folder, overrides, load_recipe(args.config, overrides, plugins)))
+    settings = {"config": str(args.config), "overrides": recipe_overrides, "seeds": seeds, "num_gpus": args.num_gpus,
+                "estimators": {label: {"name": name, "options": opts} for label, (name, opts) in estimators.items()},
+                "datasets": {d.name: {"dir": str(d.dir) if d.dir else None, "split": d.split} for d in datasets},
+                "train": {"max_steps": base.train.max_steps, "batch_size": base.train.batch_size,
+                          "grad_accum": base.train.grad_accum},
+                "eval": {"max_examples": base.eval.max_examples, "top_k": base.eval.top_k}}
+    return jobs, settings
+
+
+def check_owned(overrides: list[str]) -> None:
+    """Refuse a recipe override of a key the bench sets per run, naming the option that sets it."""
+    options = {"output_dir": "--out", "data.dir": "--datasets", "data.eval_splits": "--datasets (test, else dev)",
+               "train.seed": "--seeds", "estimator": "--estimators and LABEL.key=value"}
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        for owned in OWNED:
+            if key == owned or key.startswith(owned + "."):
+                raise RecipeError(f"override '{item}': the bench sets {owned} per run; use {options[owned]}")
+
+
+def check_labels(overrides: list[str], estimators: set[str]) -> None:
+    """Refuse ``NAME.key=value`` for an estimator that is not among --estimators (it is no recipe key)."""
+    from jsarag.recipe import Recipe
+
+    for item in overrides:
+        head = item.partition("=")[0].strip().partition(".")[0]
+        if head in estimators and head not in Recipe.model_fields:
+            raise RecipeError(f"option '{item}': '{head}' is not among --estimators; add it there or drop the option")
+
+
+def estimator_values(name: str, label: str, given: dict[str, Any], recipe: Recipe, plugins: Plugins
+                     ) -> dict[str, Any]:
+    """An estimator's validated options as JSON values; an unset ``top_k`` follows ``retriever.posterior_top_k``."""
+    from jsarag.diagnose import estimator_options
+
+    options = estimator_options(name, label, given, recipe, plugins)
+    posterior_top_k = getattr(recipe.retriever.options, "posterior_top_k", None)
+    if "top_k" in type(options).model_fields and "top_k" not in options.model_fields_set and posterior_top_k:
+        options = type(options).model_validate({**options.model_dump(), "top_k": posterior_top_k})
+    return options.model_dump(mode="json")
+
+
+def run_overrides(folder: Path, dataset: Dataset, seed: int, name: str, values: dict[str, Any]) -> list[str]:
+    """The overrides one run adds to the shared ones: its folder, data, split, seed and estimator (JSON-quoted)."""
+    data_dir = json.dumps(str(dataset.dir)) if dataset.dir else "null"
+    return [f"output_dir={json.dumps(str(folder))}", f"data.dir={data_dir}",
+            f"data.eval_splits=[{json.dumps(dataset.split)}]", f"train.seed={seed}", f"estimator.name={name}",
+            *(f"estimator.{key}={json.dumps(value)}" for key, value in values.items())]
+
+
+def parse_datasets(text: str) -> list[Dataset]:
+    """Split ``doqa=,squad=DIR`` into datasets, each with its evaluation split (test where present, else dev)."""
+    datasets: list[Dataset] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, sep, path = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise RecipeError(f"--datasets: '{item}' must be NAME=DATA_DIR (an empty DATA_DIR is the embedded DoQA)")
+        _plain("--datasets", name)
+        if any(d.name == name for d in datasets):
+            raise RecipeError(f"--datasets: the name '{name}' appears twice")
+        folder = Path(path) if path else None
+        datasets.append(Dataset(name, folder, eval_split(folder or default_data_dir(), f"--datasets {name}")))
+    if not datasets:
+        raise RecipeError("--datasets: name at least one, e.g. --datasets doqa=")
+    return datasets
+
+
+def eval_split(folder: Path, where: str) -> str:
+    """``test`` when the data folder has that split, else ``dev``; a folder with neither is a DataError."""
+    if not folder.is_dir():
+        raise DataError(f"{where}: the data folder {folder} does not exist")
+    for split in ("test", "dev"):
+        if any(is_file(folder / f"{split}.jsonl{ext}") for ext in ("", ".gz")):
+            return split
+    raise DataError(f"{where}: {folder} has neither a test nor a dev split (test.jsonl, dev.jsonl[.gz])")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Split ``0,1,2`` into distinct integer seeds."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise RecipeError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise RecipeError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
+
+
+def _plain(option: str, name: str) -> None:
+    """Refuse a label that cannot be a folder name."""
+    try:
+        plain_name(name)
+    except RecipeError:
+        raise RecipeError(f"{option}: '{name}' names a folder of --out; use letters, digits, _ . -") from None
+
+
+def _writable_out(out: Path) -> Path:
+    """Create ``--out``; a path that is not a folder is an error naming it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JsaragError(f"--out {out}: cannot create this folder ({exc.strerror or exc})") from None
+    return out
+
+
+# -- running --------------------------------------------------------------------------------------------------------
+
+def run_job(job: Job, position: str, config: Path, num_gpus: int) -> None:
+    """Reuse a finished run or train it (resuming an unfinished one); fill the job's outcome from its folder."""
+    title = f"{position} {job.dataset.name} / {job.label} / seed {job.seed}"
+    record = read_record(job)
+    if record is not None and finished(job.output_dir):
+        job.reused, job.wall_s = True, record.get("wall_s")
+        read_outcome(job)
+        print(f"{title}: reused (finished earlier), {_headline(job)}", flush=True)
+        return
+    print(f"{title}: training into {job.output_dir} ... ", end="", flush=True)
+    wall = (record or {}).get("wall_s") or 0.0
+    write_record(job, wall)
+    started = time.perf_counter()
+    try:
+        code = launch(job, config, num_gpus)
+    finally:
+        job.wall_s = wall + time.perf_counter() - started
+        write_record(job, job.wall_s)
+    if code != 0 or not finished(job.output_dir):
+        print("failed", flush=True)
+        fail(job, code)
+    read_outcome(job)
+    print(f"{job.wall_s:.0f} s, {_headline(job)}", flush=True)
+
+
+def read_record(job: Job) -> dict[str, Any] | None:
+    """The run folder's record; None for a new folder; an error for a folder of other settings or of another tool."""
+    path = job.output_dir / RECORD
+    if not path.is_file():
+        if job.output_dir.exists() and any(job.output_dir.iterdir()):
+            raise JsaragError(f"{job.output_dir}: holds files the bench did not write (no {RECORD}); remove the "
+                              "folder or choose another --out")
+        return None
+    try:
+        record = json.loads(path.read_text())
+        recorded = record["recipe"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise JsaragError(f"{path}: unreadable ({type(exc).__name__}: {exc}); remove the folder to redo it") from None
+    changed = changed_keys(recorded, _plain_json(job.recipe.source))
+    if changed:
+        raise JsaragError(f"{job.output_dir}: trained with other settings ({', '.join(changed[:8])} differ); remove "
+                          "the folder to redo it or choose another --out")
+    return record
+
+
+def write_record(job: Job, wall_s: float) -> None:
+    """Write the run folder's record: its merged recipe, the command that trains it and its wall seconds so far."""
+    record = {"recipe": _plain_json(job.recipe.source), "overrides": job.overrides, "wall_s": wall_s}
+    write_text(job.output_dir / RECORD, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two recipe dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(dict.fromkeys([*old, *new]))
+        return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".") or "recipe"]
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically (readers see the old content or the new)."""
+    from jsarag.checkpoint import atomic_write
+
+    atomic_write(path, text)
+
+
+def _plain_json(value: Any) -> Any:
+    """A recipe dict as JSON would give it back (so a stored record compares equal to a fresh one)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def finished(folder: Path) -> bool:
+    """Whether a run folder's metrics.json has a non-empty ``final`` entry."""
+    try:
+        return bool(json.loads((folder / "metrics.json").read_text()).get("final"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def launch(job: Job, config: Path, num_gpus: int) -> int:
+    """Run ``jsarag train`` for one job as a user would, its output appended to the run's log; return its exit code."""
+    command = [sys.executable, "-m", "jsarag", "train", "--config", str(config), *job.overrides]
+    if num_gpus:
+        launcher = shutil.which("deepspeed") or "deepspeed"
+        command = [launcher, "--num_gpus", str(num_gpus), "--master_port", str(_free_port()), "--module", "jsarag",
+                   "train", "--config", str(config), *job.overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with (job.output_dir / LOG).open("a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+
+
+def fail(job: Job, code: int) -> None:
+    """Print the last lines of a failed run's output and raise a TrainingError naming the run and its log."""
+    log = job.output_dir / LOG
+    lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log.is_file() else []
+    print("\n".join(f"  | {line}" for line in lines), file=sys.stderr, flush=True)
+    why = f"exited {code}" if code else "exited 0 without a final evaluation in metrics.json"
+    raise TrainingError(f"the run {job.label} on {job.dataset.name} with seed {job.seed} {why}; its output is in "
+                        f"{log} (last lines above). Fix the cause and run the same command again: finished runs are "
+                        "reused, this one resumes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_outcome(job: Job) -> None:
+    """Fill a job's final metrics, step and number of scored examples from its run folder."""
+    metrics = json.loads((job.output_dir / "metrics.json").read_text())
+    split = job.dataset.split
+    if split not in metrics["final"]:
+        raise JsaragError(f"{job.output_dir / 'metrics.json'}: no final metrics for the split '{split}'")
+    job.metrics = metrics["final"][split]
+    job.step = metrics["history"][-1]["step"]
+    predictions = job.output_dir / "predictions" / f"{split}-step{job.step:07d}.jsonl"
+    job.examples = sum(1 for line in predictions.open() if line.strip()) if predictions.is_file() else None
+
+
+def _headline(job: Job) -> str:
+    return ", ".join(f"{name} {100 * job.metrics[name]:.1f}" for name in ("recall@1", "f1") if name in job.metrics)
+
+
+# -- the report -----------------------------------------------------------------------------------------------------
+
+def metric_names() -> tuple[str, ...]:
+    """The metrics reported, in table order: retrieval (Recall@1/10, MRR@10), then generation (EM ... ROUGE-L)."""
+    from jsarag.metrics import GENERATION_METRICS, RETRIEVAL_METRICS
+
+    return RETRIEVAL_METRICS + GENERATION_METRICS
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (None for one value) of values over seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def aggregate(jobs: list[Job]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Per dataset and estimator: mean and spread over seeds of each metric and of the wall seconds."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for job in jobs:
+        out.setdefault(job.dataset.name, {}).setdefault(job.label, {})
+    for dataset, estimators in out.items():
+        for label in estimators:
+            runs = [j for j in jobs if j.dataset.name == dataset and j.label == label]
+            for name in metric_names():
+                values = [j.metrics[name] for j in runs if name in j.metrics]
+                if values:
+                    estimators[label][name] = spread(values)
+            walls = [j.wall_s for j in runs if j.wall_s is not None]
+            if walls:
+                estimators[label]["wall_s"] = spread(walls)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """The machine the bench ran on: platform, Python, CPU count, torch and the GPU's name if any."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if gpus else None, "gpus": gpus}
+
+
+def build_report(jobs: list[Job], settings: dict[str, Any]) -> dict[str, Any]:
+    """The content of quality.json: when, where, how, every run and the aggregates."""
+    runs = [{"dataset": j.dataset.name, "estimator": j.label, "seed": j.seed, "split": j.dataset.split,
+             "output_dir": str(j.output_dir), "step": j.step, "examples": j.examples, "wall_s": j.wall_s,
+             "reused": j.reused, "metrics": j.metrics} for j in jobs]
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
+            "command": shlex.join(["jsarag", *sys.argv[1:]]), "cwd": os.getcwd(), "settings": settings,
+            "runs": runs, "aggregates": aggregate(jobs)}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """quality.md: how it was run, then one table per dataset (estimators × metrics, mean ± std in %)."""
+    s, m = report["settings"], report["machine"]
+    where = f"{m['platform']}, {m['cpus']} CPUs" + (f", {m['gpus']} × {m['gpu']}" if m["gpu"] else ", no GPU")
+    estimators = "; ".join(f"`{label}`: {e['name']} `{json.dumps(e['options'])}`"
+                           for label, e in s["estimators"].items())
+    parts = ["# Answer and retrieval quality by estimator", "",
+             f"{report['date']} on {where}. Command: `{report['command']}`", "",
+             f"Config `{s['config']}`; estimators {estimators}.", ""]
+    for dataset, estimators_table in report["aggregates"].items():
+        runs = [r for r in report["runs"] if r["dataset"] == dataset]
+        parts += [f"## {dataset}", "", _dataset_line(dataset, runs, s), "", _table(estimators_table), ""]
+    parts += ["![quality](quality.png)", ""]
+    return "\n".join(parts).rstrip()
+
+
+def _dataset_line(dataset: str, runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
+    """The line under a dataset's heading: data, split, examples, steps, seeds."""
+    info, t = s["datasets"][dataset], s["train"]
+    counts = sorted({r["examples"] for r in runs if r["examples"] is not None})
+    examples = "?" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    seeds = s["seeds"]
+    spread_text = f"mean ± sample std over {len(seeds)} seeds" if len(seeds) > 1 else "1 seed: no spread"
+    ranks = max(1, s["num_gpus"])
+    return (f"Data `{info['dir'] or 'embedded DoQA cooking'}`, `{info['split']}` split, {examples} examples scored; "
+            f"{t['max_steps']} steps of {t['batch_size']} examples × {t['grad_accum']} micro-batch(es) × {ranks} "
+            f"rank(s); seeds {', '.join(map(str, seeds))} ({spread_text}). Metrics in %, the best mean of each column "
+            "in bold; wall seconds per run (loading, training and evaluation).")
+
+
+def _table(estimators: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A Markdown table: a row per estimator, mean ± std cells, the best mean per metric in bold."""
+    names = list(dict.fromkeys(n for cells in estimators.values() for n in cells if n != "wall_s"))
+    best = {}
+    for n in names:
+        means = [cells[n]["mean"] for cells in estimators.values() if n in cells]
+        if len(means) > 1 and min(means) < max(means):
+            best[n] = max(means)
+    lines = ["| estimator | " + " | ".join(names) + " | wall s |", "|---|" + "---:|" * (len(names) + 1)]
+    for label, cells in estimators.items():
+        row = []
+        for n in names:
+            text = _cell(cells.get(n), 100.0, 2)
+            row.append(f"**{text}**" if n in cells and cells[n]["mean"] == best.get(n) else text)
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {_cell(cells.get('wall_s'), 1.0, 0)} |")
+    return "\n".join(lines)
+
+
+def _cell(value: dict[str, Any] | None, scale: float, digits: int) -> str:
+    """``mean ± std`` (just the mean for one seed; empty when missing)."""
+    if value is None:
+        return ""
+    text = f"{scale * value['mean']:.{digits}f}"
+    return text if value["std"] is None else f"{text} ± {scale * value['std']:.{digits}f}"
+
+
+def draw_chart(path: Path, report: dict[str, Any]) -> Path:
+    """quality.png: per dataset, bars of each metric's mean per estimator with the spread as error bars."""
+    from jsarag.plots import quality_bar_chart
+
+    panels = {dataset: {label: {n: (v["mean"], v["std"]) for n, v in cells.items() if n != "wall_s"}
+                        for label, cells in estimators.items()}
+              for dataset, estimators in report["aggregates"].items()}
+    return quality_bar_chart(path, panels)
