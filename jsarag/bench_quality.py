@@ -76,7 +76,7 @@ class Job:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``jsarag bench quality``."""
+    """Add the options of ``jsarag bench quality`` to its parser."""
     parser.add_argument("--config", type=Path, default=Path("recipes/dialog_jsa.yaml"),
                         help="recipe with the models and knobs shared by every run (its estimator is replaced)")
     parser.add_argument("--estimators", default="rag,vrag,jsa",
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
 # -- planning -------------------------------------------------------------------------------------------------------
 
 def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
-    """Every run's overrides and validated recipe, in order (dataset, estimator, seed); the bench's settings."""
+    """Plan every run (its overrides and validated recipe) by dataset, estimator, seed; return them and the settings."""
     if args.num_gpus < 0:
         raise RecipeError(f"--num-gpus {args.num_gpus}: give 0 (one process) or a number of GPUs")
     from jsarag.diagnose import parse_estimators, split_overrides
@@ -167,7 +167,7 @@ def check_labels(overrides: list[str], estimators: set[str]) -> None:
 
 def estimator_values(name: str, label: str, given: dict[str, Any], recipe: Recipe, plugins: Plugins
                      ) -> dict[str, Any]:
-    """An estimator's validated options as JSON values; an unset ``top_k`` follows ``retriever.posterior_top_k``."""
+    """Return an estimator's validated options as JSON values, an unset ``top_k`` set to ``posterior_top_k``."""
     from jsarag.diagnose import estimator_options
 
     options = estimator_options(name, label, given, recipe, plugins)
@@ -178,7 +178,7 @@ def estimator_values(name: str, label: str, given: dict[str, Any], recipe: Recip
 
 
 def run_overrides(folder: Path, dataset: Dataset, seed: int, name: str, values: dict[str, Any]) -> list[str]:
-    """The overrides one run adds to the shared ones: its folder, data, split, seed and estimator (JSON-quoted)."""
+    """Return the overrides one run adds to the shared ones: folder, data, split, seed, estimator (JSON-quoted)."""
     data_dir = json.dumps(str(dataset.dir)) if dataset.dir else "null"
     return [f"output_dir={json.dumps(str(folder))}", f"data.dir={data_dir}",
             f"data.eval_splits=[{json.dumps(dataset.split)}]", f"train.seed={seed}", f"estimator.name={name}",
@@ -205,7 +205,7 @@ def parse_datasets(text: str) -> list[Dataset]:
 
 
 def eval_split(folder: Path, where: str) -> str:
-    """``test`` when the data folder has that split, else ``dev``; a folder with neither is a DataError."""
+    """Return ``test`` when the data folder has that split, else ``dev``; raise a DataError when it has neither."""
     if not folder.is_dir():
         raise DataError(f"{where}: the data folder {folder} does not exist")
     for split in ("test", "dev"):
@@ -270,7 +270,7 @@ def run_job(job: Job, position: str, config: Path, num_gpus: int) -> None:
 
 
 def read_record(job: Job) -> dict[str, Any] | None:
-    """The run folder's record; None for a new folder; an error for a folder of other settings or of another tool."""
+    """Return the run folder's record (None for a new folder); refuse a folder of other settings or another tool."""
     path = job.output_dir / RECORD
     if not path.is_file():
         if job.output_dir.exists() and any(job.output_dir.iterdir()):
@@ -296,7 +296,7 @@ def write_record(job: Job, wall_s: float) -> None:
 
 
 def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two recipe dicts."""
+    """Return the dotted keys whose values differ between two recipe dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
         keys = list(dict.fromkeys([*old, *new]))
         return [k for key in keys for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
@@ -311,12 +311,12 @@ def write_text(path: Path, text: str) -> None:
 
 
 def _plain_json(value: Any) -> Any:
-    """A recipe dict as JSON would give it back (so a stored record compares equal to a fresh one)."""
+    """Return a recipe dict as JSON gives it back (so a stored record compares equal to a fresh one)."""
     return json.loads(json.dumps(value, default=str))
 
 
 def finished(folder: Path) -> bool:
-    """Whether a run folder's metrics.json has a non-empty ``final`` entry."""
+    """Tell whether a run folder's metrics.json has a non-empty ``final`` entry."""
     try:
         return bool(json.loads((folder / "metrics.json").read_text()).get("final"))
     except (OSError, json.JSONDecodeError, AttributeError):
@@ -342,13 +342,14 @@ def fail(job: Job, code: int) -> None:
     log = job.output_dir / LOG
     lines = log.read_text(errors="replace").splitlines()[-TAIL_LINES:] if log.is_file() else []
     print("\n".join(f"  | {line}" for line in lines), file=sys.stderr, flush=True)
-    why = f"exited {code}" if code else "exited 0 without a final evaluation in metrics.json"
+    why = f"exited {code}" if code else "exited 0 before its last step (train.stop_at?), no final metrics"
     raise TrainingError(f"the run {job.label} on {job.dataset.name} with seed {job.seed} {why}; its output is in "
                         f"{log} (last lines above). Fix the cause and run the same command again: finished runs are "
                         "reused, this one resumes")
 
 
 def _free_port() -> int:
+    """Pick a free local port for the DeepSpeed launcher's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -367,26 +368,27 @@ def read_outcome(job: Job) -> None:
 
 
 def _headline(job: Job) -> str:
+    """Summarise a finished run in a few words for its progress line."""
     return ", ".join(f"{name} {100 * job.metrics[name]:.1f}" for name in ("recall@1", "f1") if name in job.metrics)
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
 
 def metric_names() -> tuple[str, ...]:
-    """The metrics reported, in table order: retrieval (Recall@1/10, MRR@10), then generation (EM ... ROUGE-L)."""
+    """Return the metrics reported in table order: retrieval (Recall@1/10, MRR@10), then generation (EM ...)."""
     from jsarag.metrics import GENERATION_METRICS, RETRIEVAL_METRICS
 
     return RETRIEVAL_METRICS + GENERATION_METRICS
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation (None for one value) of values over seeds."""
+    """Return the mean and sample standard deviation (None for one value) of values over seeds."""
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values)}
 
 
 def aggregate(jobs: list[Job]) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """Per dataset and estimator: mean and spread over seeds of each metric and of the wall seconds."""
+    """Return, per dataset and estimator, the mean and spread over seeds of each metric and of the wall seconds."""
     out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     for job in jobs:
         out.setdefault(job.dataset.name, {}).setdefault(job.label, {})
@@ -404,7 +406,7 @@ def aggregate(jobs: list[Job]) -> dict[str, dict[str, dict[str, dict[str, Any]]]
 
 
 def machine() -> dict[str, Any]:
-    """The machine the bench ran on: platform, Python, CPU count, torch and the GPU's name if any."""
+    """Describe the machine the bench ran on: platform, Python, CPU count, torch and the GPU's name if any."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -413,7 +415,7 @@ def machine() -> dict[str, Any]:
 
 
 def build_report(jobs: list[Job], settings: dict[str, Any]) -> dict[str, Any]:
-    """The content of quality.json: when, where, how, every run and the aggregates."""
+    """Return the content of quality.json: when, where, how, every run and the aggregates."""
     runs = [{"dataset": j.dataset.name, "estimator": j.label, "seed": j.seed, "split": j.dataset.split,
              "output_dir": str(j.output_dir), "step": j.step, "examples": j.examples, "wall_s": j.wall_s,
              "reused": j.reused, "metrics": j.metrics} for j in jobs]
@@ -423,7 +425,7 @@ def build_report(jobs: list[Job], settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    """quality.md: how it was run, then one table per dataset (estimators × metrics, mean ± std in %)."""
+    """Render quality.md: how it was run, then one table per dataset (estimators × metrics, mean ± std in %)."""
     s, m = report["settings"], report["machine"]
     where = f"{m['platform']}, {m['cpus']} CPUs" + (f", {m['gpus']} × {m['gpu']}" if m["gpu"] else ", no GPU")
     estimators = "; ".join(f"`{label}`: {e['name']} `{json.dumps(e['options'])}`"
@@ -439,7 +441,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 def _dataset_line(dataset: str, runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
-    """The line under a dataset's heading: data, split, examples, steps, seeds."""
+    """Return the line under a dataset's heading: data, split, examples, steps, seeds."""
     info, t = s["datasets"][dataset], s["train"]
     counts = sorted({r["examples"] for r in runs if r["examples"] is not None})
     examples = "?" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
@@ -453,8 +455,9 @@ def _dataset_line(dataset: str, runs: list[dict[str, Any]], s: dict[str, Any]) -
 
 
 def _table(estimators: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """A Markdown table: a row per estimator, mean ± std cells, the best mean per metric in bold."""
-    names = list(dict.fromkeys(n for cells in estimators.values() for n in cells if n != "wall_s"))
+    """Return a Markdown table: a row per estimator, mean ± std cells, the best mean per metric in bold."""
+    present = {n for cells in estimators.values() for n in cells}
+    names = [n for n in metric_names() if n in present]
     best = {}
     for n in names:
         means = [cells[n]["mean"] for cells in estimators.values() if n in cells]
@@ -471,7 +474,7 @@ def _table(estimators: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def _cell(value: dict[str, Any] | None, scale: float, digits: int) -> str:
-    """``mean ± std`` (just the mean for one seed; empty when missing)."""
+    """Format a cell as ``mean ± std`` (just the mean for one seed; empty when missing)."""
     if value is None:
         return ""
     text = f"{scale * value['mean']:.{digits}f}"
@@ -479,7 +482,7 @@ def _cell(value: dict[str, Any] | None, scale: float, digits: int) -> str:
 
 
 def draw_chart(path: Path, report: dict[str, Any]) -> Path:
-    """quality.png: per dataset, bars of each metric's mean per estimator with the spread as error bars."""
+    """Draw quality.png: per dataset, each metric's mean per estimator as a bar, the spread as error bars."""
     from jsarag.plots import quality_bar_chart
 
     panels = {dataset: {label: {n: (v["mean"], v["std"]) for n, v in cells.items() if n != "wall_s"}

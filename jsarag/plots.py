@@ -110,7 +110,7 @@ def metrics_bar_chart(path: Path, table: dict[str, dict[str, float]]) -> Path:
 
 
 def quality_bar_chart(path: Path, panels: dict[str, dict[str, dict[str, tuple[float, float | None]]]]) -> Path:
-    """One row per dataset: grouped bars per metric, one bar per estimator, mean with ±std error bars (as %)."""
+    """Draw a row per dataset: bars grouped by metric, one per estimator, mean with ±std error bars (as %)."""
     figure = _figure(width=10.0, height=3.4 * max(1, len(panels)))
     for ax, (dataset, table) in zip(figure.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0], panels.items()):
         names = list(dict.fromkeys(n for values in table.values() for n in values))

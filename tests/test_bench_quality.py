@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import read_log, run_cli, tiny_recipe_dict
-from jsarag.bench_quality import check_labels, check_owned, parse_datasets, parse_seeds
+from jsarag.bench_quality import _table, check_labels, check_owned, parse_datasets, parse_seeds, spread
 from jsarag.errors import DataError, RecipeError
 
 ESTIMATORS, SEEDS = ("rag", "jsa"), (0, 1)
@@ -121,3 +121,11 @@ def test_bench_quality_refuses_bad_arguments(tmp_path):
     assert parse_datasets("doqa=")[0].dir is None
     with pytest.raises(RecipeError, match="each once"):
         parse_seeds("0,0")
+
+
+def test_one_seed_has_no_spread_and_ties_no_winner():
+    assert spread([0.25]) == {"mean": 0.25, "std": None, "n": 1}
+    assert spread([0.2, 0.4])["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    one_seed = {"rag": {"f1": spread([0.25]), "em": spread([0.1])}, "jsa": {"f1": spread([0.5]), "em": spread([0.1])}}
+    table = _table(one_seed)  # metrics in the report's order (em before f1), a tie (em) bold nowhere
+    assert "| rag | 10.00 | 25.00 |" in table and "| jsa | 10.00 | **50.00** |" in table and "±" not in table
