@@ -449,7 +449,7 @@ def _dataset_line(dataset: str, runs: list[dict[str, Any]], s: dict[str, Any]) -
     spread_text = f"mean ± sample std over {len(seeds)} seeds" if len(seeds) > 1 else "1 seed: no spread"
     ranks = max(1, s["num_gpus"])
     return (f"Data `{info['dir'] or 'embedded DoQA cooking'}`, `{info['split']}` split, {examples} examples scored; "
-            f"{t['max_steps']} steps of {t['batch_size']} examples × {t['grad_accum']} micro-batch(es) × {ranks} "
+            f"{t['max_steps']} step(s) of {t['batch_size']} examples × {t['grad_accum']} micro-batch(es) × {ranks} "
             f"rank(s); seeds {', '.join(map(str, seeds))} ({spread_text}). Metrics in %, the best mean of each column "
             "in bold; wall seconds per run (loading, training and evaluation).")
 

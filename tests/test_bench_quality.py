@@ -74,7 +74,7 @@ def test_bench_quality_trains_aggregates_and_reuses(bench_recipe, tiny_data, tmp
             assert cell["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
             if name != "wall_s":
                 assert f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}" in markdown
-    assert "`dev` split, 4 examples scored; 2 steps" in markdown and "over 2 seeds" in markdown
+    assert "`dev` split, 4 examples scored; 2 step(s)" in markdown and "over 2 seeds" in markdown
 
     before = snapshot(out)
     second = bench(bench_recipe, tiny_data, out, "jsa.proposals=8")
