@@ -46,7 +46,7 @@ class Reference:
     """An uninterrupted run to compare against."""
 
     output_dir: Path
-    seconds: float
+    training_seconds: float  # from the first step's record in train_log.jsonl to the end of the job
 
 
 def write_recipe(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Path:
@@ -147,9 +147,8 @@ def reference_run(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Ref
     recipe = write_recipe(data_dir, folder, sections)
     run_cli("train", "--config", str(recipe), f"output_dir={folder / 'warm-up'}", "train.max_steps=1",
             "eval.max_examples=1")
-    began = time.perf_counter()
     assert succeeded(launch(recipe))
-    return Reference(folder / "run", time.perf_counter() - began)
+    return Reference(folder / "run", time.time() - read_log(folder / "run")[0]["time"])
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +193,24 @@ def test_kill_9_then_resume_equals_uninterrupted_run(point, jsa_reference, tiny_
     assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
 
 
+def wait_for_first_step(job: subprocess.Popen, log_file: Path, timeout: float = 300) -> None:
+    """Wait until the job has logged its first step (or ended)."""
+    deadline = time.monotonic() + timeout
+    while job.poll() is None and time.monotonic() < deadline:
+        if log_file.exists() and log_file.read_text().strip():
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.launcher
 def test_kill_9_of_the_whole_job_at_a_random_moment(jsa_reference, tiny_data, tmp_path):
     seed = int(os.environ.get("JSARAG_KILL_SEED") or random.SystemRandom().randrange(2**32))
-    delay = random.Random(seed).uniform(0.3, 0.95) * jsa_reference.seconds
-    print(f"\nrandom kill: JSARAG_KILL_SEED={seed}: SIGKILL to the job's process group after {delay:.1f} s "
-          f"(an uninterrupted run took {jsa_reference.seconds:.1f} s)")
+    delay = random.Random(seed).uniform(0, 1) * jsa_reference.training_seconds
+    print(f"\nrandom kill: JSARAG_KILL_SEED={seed}: SIGKILL to the job's process group {delay:.1f} s after its first "
+          f"step (the uninterrupted run went on for {jsa_reference.training_seconds:.1f} s after it)")
     recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
     job = start(recipe)
+    wait_for_first_step(job, tmp_path / "run" / "train_log.jsonl")
     try:
         job.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -210,7 +219,9 @@ def test_kill_9_of_the_whole_job_at_a_random_moment(jsa_reference, tiny_data, tm
     finish(job)
     root = tmp_path / "run" / "checkpoints"
     hidden = sorted(p.name for p in root.glob(".*-step-*")) if root.is_dir() else []
-    print(f"at the kill: latest complete checkpoint {checkpoint.latest(root)}, hidden folders {hidden}")
+    lines = (tmp_path / "run" / "train_log.jsonl").read_text().count("\n")
+    print(f"at the kill: {lines} lines in train_log.jsonl, latest complete checkpoint {checkpoint.latest(root)}, "
+          f"hidden folders {hidden}")
 
     assert succeeded(launch(recipe))
     assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
@@ -307,6 +318,17 @@ def test_a_hostile_checkpoint_file_is_refused_unexecuted(tiny_recipe, tmp_path):
     assert done.returncode == 2, done.stderr[-4000:]
     assert f"jsarag: error: {victim}: refused to load" in done.stderr and "posix.system" in done.stderr
     assert not marker.exists()
+
+
+def test_a_checkpoint_missing_deepspeed_files_is_a_clear_error(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(train={"max_steps": 2, "checkpoint_every": 1}, eval={"max_examples": 2})
+    run_cli("train", "--config", str(recipe), "train.stop_at=1")
+    folder = tmp_path / "run" / "checkpoints" / "step-0000001"
+    (folder / "mp_rank_00_model_states.pt").unlink()
+    done = run_cli("train", "--config", str(recipe), check=False)
+    assert done.returncode == 2
+    assert f"jsarag: error: {folder}: DeepSpeed cannot resume from it" in done.stderr
+    assert "delete it to resume from the checkpoint before it" in done.stderr
 
 
 def test_latest_pointer_is_validated_and_falls_back_to_the_newest_complete_checkpoint(tmp_path):
