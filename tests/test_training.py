@@ -110,6 +110,28 @@ def test_a_transient_nonfinite_loss_is_skipped_and_counted(tiny_recipe, tmp_path
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in log)
 
 
+def _reduce_on_rank(rank: int, port: int, out: Path) -> None:
+    """Average one optimizer step's numbers over 2 gloo ranks whose estimators reported different stats."""
+    import os
+
+    from jsarag.loop import _reduce_mean
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    losses, stats = ([1.0], [{"acceptance": 0.5}]) if rank == 0 else \
+        ([3.0, 5.0], [{"acceptance": 1.0, "cache_hit": 1.0}, {"cache_hit": 0.0}])
+    (out / f"rank{rank}.json").write_text(json.dumps(_reduce_mean(losses, stats)))
+    torch.distributed.destroy_process_group()
+
+
+def test_step_statistics_are_averaged_over_ranks_reporting_different_keys(tmp_path):
+    from conftest import _free_port
+
+    torch.multiprocessing.spawn(_reduce_on_rank, args=(_free_port(), tmp_path), nprocs=2)
+    expected = [2.5, {"acceptance": 0.75, "cache_hit": 0.5}]  # each rank's mean first, then over those reporting it
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [expected, expected]
+
+
 # -- the DeepSpeed config ---------------------------------------------------------------------------------------------
 
 def _bad_config(tmp_path: Path, kind: str) -> tuple[str, dict]:
