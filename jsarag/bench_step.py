@@ -10,13 +10,15 @@ K = 10, and the floor ``supervised``: one generator pass per example, on its gol
 - median seconds per optimizer step (after ``--warmup`` rounds), and the ratios to ``rag`` and to the floor;
 - generator tokens per step: padded tokens through the generator, in all and in forwards that carry gradient;
 - peak memory above the step's start: ``torch.cuda.max_memory_allocated`` on a GPU, else the peak resident set size
-  of the process, sampled every 2 ms by a thread (``psutil``).
+  of the process, sampled every 2 ms by a thread (``psutil``), after handing freed heap memory back to the OS.
 
     jsarag bench step-cost --config recipes/dialog_jsa.yaml --rounds 10
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import statistics
@@ -29,6 +31,7 @@ from typing import Any, Iterator
 
 import psutil
 import torch
+from tqdm.auto import tqdm
 
 from jsarag.components import Component
 from jsarag.diagnose import (Study, candidate_mode, estimator_in_run, estimator_options, parse_estimators,
@@ -103,7 +106,7 @@ def measure(run: Any, studies: list[Study], rounds: int, warmup: int) -> dict[st
     costs = {s.label: Costs() for s in studies}
     state = LoopState()
     run.engine.train()
-    for round_ in range(warmup + rounds):
+    for round_ in tqdm(range(warmup + rounds), desc="step-cost rounds", unit="round", mininterval=5):
         batch = _next_batch(run, state)
         shift = round_ % len(studies)
         for study in studies[shift:] + studies[:shift]:
@@ -145,6 +148,7 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
         yield box
         box[0] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
         return
+    release_free_memory()
     process, done = psutil.Process(), threading.Event()
     start = peak = process.memory_info().rss
 
@@ -161,6 +165,15 @@ def peak_memory(device: torch.device) -> Iterator[list[float]]:
         done.set()
         sampler.join()
         box[0] = (max(peak, process.memory_info().rss) - start) / 2**20
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``), so the next step's growth shows in the RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak above start then undercounts memory reused from the heap
+        pass
 
 
 def _synchronize(device: torch.device) -> None:
