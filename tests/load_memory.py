@@ -13,6 +13,7 @@ import bisect
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -85,11 +86,16 @@ def run_and_sample(recipe: Path, output_dir: Path, ranks: int = 2, interval: flo
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
         deadline = time.monotonic() + timeout
-        while job.poll() is None and time.monotonic() < deadline:
-            samples.extend(_sample(psutil.Process(job.pid), ranks))
-            time.sleep(interval)
-        if job.poll() is None:
-            os.killpg(job.pid, 9)
+        try:
+            while job.poll() is None and time.monotonic() < deadline:
+                samples.extend(_sample(psutil.Process(job.pid), ranks))
+                time.sleep(interval)
+        finally:  # past the timeout, or interrupted: take the job down with us
+            timed_out = job.poll() is None
+            if timed_out:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+        if timed_out:
             raise RuntimeError(f"the job ran past {timeout} s; see {output_dir / 'job.log'}")
     if job.returncode != 0:
         raise RuntimeError(f"the job exited {job.returncode}:\n{(output_dir / 'job.log').read_text()[-4000:]}")
