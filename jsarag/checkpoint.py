@@ -188,12 +188,11 @@ def describe_write_error(exc: BaseException, folder: Path) -> str:
         return f"permission denied ({exc})"
     if code in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full ({exc})"
-    size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if code == errno.EFBIG or (code is None and size_limit != resource.RLIM_INFINITY):
-        return f"file size limit reached (ulimit -f: {size_limit} bytes) ({exc})"
-    free = _free_bytes(folder)
+    size_limit, free = resource.getrlimit(resource.RLIMIT_FSIZE)[0], _free_bytes(folder)
     if code is None and free is not None and free < LOW_SPACE:
         return f"disk full ({free} bytes free) ({exc})"
+    if code == errno.EFBIG or (code is None and size_limit != resource.RLIM_INFINITY):
+        return f"file size limit reached (ulimit -f: {size_limit} bytes) ({exc})"
     return str(exc)
 
 
