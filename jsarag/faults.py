@@ -14,7 +14,7 @@ import os
 import signal
 from collections import Counter
 
-from jsarag.errors import RecipeError
+from jsarag.errors import JsaragError
 
 
 def _parse(spec: str | None) -> dict[str, int]:
@@ -23,7 +23,7 @@ def _parse(spec: str | None) -> dict[str, int]:
     for item in filter(None, (spec or "").split(",")):
         name, _, count = item.strip().partition(":")
         if not name or not count.isdigit() or int(count) < 1:
-            raise RecipeError(f"JSARAG_FAULT: '{item}' is not name:n with n >= 1 (e.g. JSARAG_FAULT=step:3)")
+            raise JsaragError(f"JSARAG_FAULT: '{item}' is not name:n with n >= 1 (e.g. JSARAG_FAULT=step:3)")
         faults[name] = int(count)
     return faults
 
