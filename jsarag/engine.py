@@ -33,6 +33,7 @@ from jsarag.paths import confined  # noqa: E402
 from jsarag.types import StepResult  # noqa: E402
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 # The classes DeepSpeed pickles into its checkpoint files besides tensors and plain values, found with
 # torch.serialization.get_unsafe_globals_in_checkpoint on real checkpoints of the tiny recipe: ZeRO 1-3 optimizer
 # states hold the loss scaler, the ZeRO stage and (ZeRO 1-2) fragment addresses; fp16 runs hold DynamicLossScaler in
@@ -64,12 +65,28 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        _unlink_shared_memory_name()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def _unlink_shared_memory_name() -> None:
+    """Remove the name of this rank's CPU all-reduce buffer, once every rank has mapped every buffer.
+
+    DeepSpeed's CPU accelerator creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MiB of
+    RAM-backed memory per rank, for its inference all-reduce) and never removes it, so every CPU run, killed or not,
+    would leave it behind until the machine's memory is gone. Unlinked, the mappings stay valid and the memory is
+    freed when the process ends, however it ends.
+    """
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()  # every rank's init has opened every rank's buffer
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    (SHARED_MEMORY / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}").unlink(missing_ok=True)
 
 
 def _free_port() -> int:
