@@ -60,9 +60,9 @@ def write_recipe(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Path
 
 
 def start(recipe: Path, *overrides: str, env: dict[str, str] | None = None,
-          preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+          preexec_fn: Callable[[], None] | None = None, port: int | None = None) -> subprocess.Popen:
     """Start `deepspeed --num_gpus 2 --module jsarag train` (as conftest.run_cli does) in a process group of its own."""
-    command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+    command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port or _free_port()),
                "--module", "jsarag", "train", "--config", str(recipe), *overrides]
     base = {k: v for k, v in os.environ.items() if not k.startswith("JSARAG_FAULT")}
     env = {**base, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -91,6 +91,11 @@ def succeeded(done: subprocess.CompletedProcess) -> bool:
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-6000:], sep="\n")
     return done.returncode == 0
+
+
+def shared_memory_left(port: int) -> list[str]:
+    """Files a job on ``port`` left in /dev/shm (DeepSpeed's CPU all-reduce buffers: 66 MiB of RAM each)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def load_pt(path: Path) -> Any:
@@ -178,9 +183,10 @@ KILLS = {  # JSARAG_FAULT, the rank killed, the last complete checkpoint at the 
 @pytest.mark.parametrize("point", KILLS)
 def test_kill_9_then_resume_equals_uninterrupted_run(point, jsa_reference, tiny_data, tmp_path):
     fault, rank, survivor = KILLS[point]
-    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
-    killed = launch(recipe, env={"JSARAG_FAULT": fault, "JSARAG_FAULT_RANK": rank})
+    recipe, port = write_recipe(tiny_data, tmp_path, JSA_ZERO2), _free_port()
+    killed = launch(recipe, env={"JSARAG_FAULT": fault, "JSARAG_FAULT_RANK": rank}, port=port)
     assert killed.returncode != 0 and f"fault injected: SIGKILL at {fault}" in killed.stdout, killed.stderr[-3000:]
+    assert shared_memory_left(port) == []  # a killed job leaves no RAM-backed files behind
     root = tmp_path / "run" / "checkpoints"
     assert checkpoint.latest(root) == checkpoint.tag_for(survivor)
     if point == "checkpoint_written":
