@@ -163,6 +163,9 @@ def _agree(error: str | None, root: Path, tag: str, previous: str | None, hidden
         return
     if rank == 0:
         shutil.rmtree(hidden, ignore_errors=True)
+    log.error("rank %d stops: checkpoint %s could not be written", rank, root / tag)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()  # every rank has said so before any exits (the launcher then kills the rest)
     intact = f"the previous checkpoint {root / previous} is intact" if previous else "there is no earlier checkpoint"
     raise TrainingError(f"could not write checkpoint {root / tag}: {'; '.join(errors)}; {intact}. Free disk space or "
                         f"fix the permissions of {root}, then run the same command again to resume")
