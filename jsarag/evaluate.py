@@ -10,6 +10,7 @@ import torch
 
 from jsarag.checkpoint import atomic_write
 from jsarag.data import Example
+from jsarag.faults import fault_point
 from jsarag.metrics import generation_metrics, retrieval_metrics
 from jsarag.types import Batch
 
@@ -38,6 +39,7 @@ def evaluate(run: Any, split: str) -> Evaluation:
         for start in range(0, len(mine), run.recipe.eval.batch_size):
             positions = mine[start : start + run.recipe.eval.batch_size]
             rows.extend(_evaluate_batch(run, Batch([examples[p] for p in positions], positions)))
+            fault_point("eval")  # crash tests: a kill in the middle of an evaluation
     if training:
         run.engine.train()
     results = {pos: row for pos, row in _gather(rows, run.ctx.world_size)}  # repeats collapse

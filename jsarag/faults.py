@@ -3,8 +3,8 @@
 
 ``fault_point(name)`` SIGKILLs its own process there (a machine dying, the OOM killer, ``kill -9``); ``poisoned(name)``
 answers True there (the loop then turns that micro-step's loss into NaN). Named points, in order of a step:
-``step`` (after backward, before the optimizer step), ``nonfinite_loss`` (a micro-step's loss), ``eval`` (after a
-split's evaluation, before its predictions and metrics are written), ``checkpoint_written`` (every file of a
+``step`` (after backward, before the optimizer step), ``nonfinite_loss`` (a micro-step's loss), ``eval`` (after each
+evaluation batch, in the middle of an evaluation), ``checkpoint_written`` (every file of a
 checkpoint written into its hidden folder, before the rename that publishes it) and ``checkpoint_renamed`` (renamed,
 before ``latest`` names it). With ``JSARAG_FAULT`` unset a point costs one comparison.
 """

@@ -155,7 +155,6 @@ def _evaluate(run: Run, state: LoopState) -> None:
     record: dict[str, Any] = {"step": state.step}
     for split in run.eval_sets:
         record[split], samples, predictions = evaluate(run, split)
-        fault_point("eval")
         write_predictions(run, split, state.step, predictions)
         run.call("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
     state.history.append(record)
