@@ -64,6 +64,26 @@ class Component:
         """Restore what ``state_dict`` returned."""
 
 
+class Truncations:
+    """Mixin of components that cut inputs to fit: ``self.truncated[what]`` holds the keys of the distinct items cut
+    (KB rows, text hashes), reported by ``counters()`` and kept in the checkpoint, so a resumed run counts the same."""
+
+    truncated: dict[str, set[int]]
+
+    def counters(self) -> dict[str, int]:
+        """Return how many distinct items of each kind this rank cut."""
+        return {f"{what}_truncated": len(seen) for what, seen in self.truncated.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the keys of the items cut so far."""
+        return {"truncated": {what: sorted(seen) for what, seen in self.truncated.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        for what, seen in state.get("truncated", {}).items():
+            self.truncated[what] = set(seen)
+
+
 @dataclass
 class RunContext:
     """What components may know about the run they join."""

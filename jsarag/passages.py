@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import field_validator
 from tqdm.auto import tqdm
 
 from jsarag.components import Component, Options, PathOption, RunContext

@@ -46,15 +46,6 @@ def confined(value: str | PurePath, base: Path, key: str) -> Path:
     return base / path
 
 
-def relative_output_dir(value: str | PurePath) -> Path:
-    """Check ``output_dir`` itself: a relative one may not climb with '..' (write an absolute path to mean it)."""
-    path = Path(value)
-    if climbs(path):
-        raise PathRefused(f"the relative path '{value}' climbs with '..'; give an absolute path to write outside "
-                          "the current folder")
-    return path
-
-
 def plain_name(value: str) -> str:
     """Return a name that becomes part of a file name, refusing '/', '..' and other characters."""
     if not PLAIN_NAME.fullmatch(value) or ".." in value:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from jsarag.components import Options, PathOption
 from jsarag.errors import RecipeError
-from jsarag.paths import plain_name, relative_output_dir
+from jsarag.paths import plain_name, stays_inside
 from jsarag.plugins import Plugins
 
 COMPONENT_SECTIONS = ("retriever", "index", "generator", "estimator")
@@ -149,7 +149,7 @@ class Recipe(Section):
     @field_validator("output_dir")
     @classmethod
     def _output_dir_stays_put(cls, value: Path) -> Path:
-        return relative_output_dir(value)
+        return stays_inside(value)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> Recipe:

@@ -11,7 +11,7 @@ from conftest import run_cli
 from jsarag.components import RunContext
 from jsarag.data import Example
 from jsarag.kb import KnowledgeBase
-from jsarag.types import Batch, Candidates, ScoreRequest, Scores
+from jsarag.types import Batch, Candidates, Scores
 from jsarag_plugins.estimators.supervised import Supervised, SupervisedOptions
 
 

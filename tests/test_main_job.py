@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import REPO, run_cli
 from jsarag.recipe import load_recipe

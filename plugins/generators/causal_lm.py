@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext, Trainable
+from jsarag.components import Component, Options, RunContext, Trainable, Truncations
 from jsarag.data import render_history, text_key
 from jsarag.errors import ModelError
 from jsarag.models import loading, resolve_model
@@ -80,7 +80,7 @@ class CausalLMOptions(Options):
     """Run Python code shipped in the model folder (its config's auto_map); off unless the recipe says so."""
 
 
-class CausalLM(Component):
+class CausalLM(Truncations, Component):
     """A causal LM that scores and decodes answers given a passage."""
 
     kind = "generator"
@@ -117,17 +117,6 @@ class CausalLM(Component):
 
     def trainable(self) -> dict[str, Trainable]:
         return {"generator": Trainable(self.model, self.options.lr)} if self.options.lr > 0 else {}
-
-    def counters(self) -> dict[str, int]:
-        """Distinct passages, questions and answers this rank truncated to fit the prompt or the answer budget."""
-        return {f"{what}_truncated": len(seen) for what, seen in self.truncated.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"truncated": {what: sorted(seen) for what, seen in self.truncated.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for what, seen in state.get("truncated", {}).items():
-            self.truncated[what] = set(seen)
 
     def _check_prompt_room(self) -> None:
         """Refuse a max_prompt_tokens that leaves no room for a passage token and a question token."""

@@ -26,7 +26,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.util import batch_to_device
 
 from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext, Trainable
+from jsarag.components import Component, Options, RunContext, Trainable, Truncations
 from jsarag.data import render_posterior_query, render_query, text_key
 from jsarag.errors import IndexMismatchError
 from jsarag.models import loading, model_fingerprint, resolve_model
@@ -81,7 +81,7 @@ class DenseOptions(Options):
         return self
 
 
-class DenseRetriever(Component):
+class DenseRetriever(Truncations, Component):
     """Prior (and posterior) bi-encoder over a passage index."""
 
     kind = "retriever"
@@ -121,17 +121,6 @@ class DenseRetriever(Component):
         from jsarag_plugins.retrievers.bm25 import BM25Options, BM25Scorer
 
         return BM25Scorer(BM25Options(), self.ctx)
-
-    def counters(self) -> dict[str, int]:
-        """Distinct prior and posterior queries this rank cut at max_length."""
-        return {f"{what}_truncated": len(seen) for what, seen in self.truncated.items()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"truncated": {what: sorted(seen) for what, seen in self.truncated.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for what, seen in state.get("truncated", {}).items():
-            self.truncated[what] = set(seen)
 
     def _note_truncated(self, what: str, model: SentenceTransformer, texts: list[str]) -> None:
         """Record the texts the encoder cuts at max_length (only texts with more bytes than that are tokenized again:
