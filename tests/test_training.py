@@ -4,6 +4,7 @@ and counted, and a diverged run stops keeping its last good checkpoint; a bad De
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -174,6 +175,17 @@ def test_deepspeed_writes_inside_output_dir_unless_given_an_absolute_path(tmp_pa
     assert config["csv_monitor"]["output_path"] == str(tmp_path / "run" / "csv_monitor")  # DeepSpeed: the cwd
     assert config["flops_profiler"]["output_file"] == "/abs/flops.txt"
     assert config["zero_optimization"]["offload_optimizer"]["nvme_path"] == str(tmp_path / "run" / "swap")
+
+
+def test_runs_flush_subnormal_floats_to_zero(tiny_recipe):
+    """Subnormal floats slow CPU matmuls ~150x (rag's tiny passage weights make them in backward): runs flush them."""
+    script = ("import sys, torch; from jsarag.recipe import load_recipe; from jsarag.run import build_run; "
+              "build_run(load_recipe(sys.argv[1], []), train=False, kinds=('estimator', 'index', 'retriever')); "
+              "print((torch.full((4,), 1e-39) * 1.0).sum().item())")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_recipe())], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0.0"
 
 
 def test_a_mistyped_deepspeed_override_stops_the_run_with_a_clear_message(tiny_recipe):
