@@ -1,7 +1,8 @@
 """The ``jsarag`` command: plugins, train, eval, index, bench, compare, diagnose; ``recipe_main`` for recipe scripts.
 
 Every command that runs models works as plain ``python``/``jsarag`` (one process) and under the ``deepspeed``
-launcher (``deepspeed --num_gpus N $(which jsarag) train ...`` or ``deepspeed recipes/<recipe>.py``).
+launcher (``deepspeed --num_gpus N $(which jsarag) train ...`` or ``deepspeed recipes/<recipe>.py``). Commands import
+what they need when they run, so that ``jsarag --help`` and ``jsarag plugins`` stay quick.
 """
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jsarag.errors import JsaragError
+from jsarag.errors import JsaragError, PluginError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``jsarag`` console script."""
-    parser = argparse.ArgumentParser(prog="jsarag", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jsarag", description="Train retrieval-augmented generation with the passage as a latent variable "
+        "(JSA-RAG, RAG, VRAG) on DeepSpeed; components are pluggy plugins picked by a YAML recipe.",
+        epilog="A recipe is a YAML file or the name of a packaged one (tiny_rag, dialog_jsa, ...). "
+        "Example: jsarag train --config tiny_rag train.max_steps=10")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("plugins", help="list registered components by kind, with their packages")
@@ -31,17 +36,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     search.add_argument("-q", "--query", required=True, help="the query text")
     search.add_argument("-k", type=int, default=5, help="passages to print")
     _recipe_arguments(search, required=True)
-    from jsarag.bench_retrieval import add_arguments as bench_arguments
+    from jsarag.tools.bench_retrieval import add_arguments as bench_arguments
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     bench_arguments(bench.add_parser("retrieval", help="index build/search throughput and recall@k vs raw FAISS"))
-    from jsarag.bench_quality import add_arguments as bench_quality_arguments
+    from jsarag.tools.bench_quality import add_arguments as bench_quality_arguments
 
     bench_quality_arguments(bench.add_parser("quality", help="train estimators alike per dataset and seed; score them"))
-    from jsarag.bench_step import add_arguments as step_cost_arguments
+    from jsarag.tools.bench_step import add_arguments as step_cost_arguments
 
     step_cost_arguments(bench.add_parser("step-cost", help="seconds, generator tokens and memory of a step per estimator"))
-    from jsarag.subset import add_arguments as subset_arguments
+    from jsarag.tools.subset import add_arguments as subset_arguments
 
     data = commands.add_parser("data", help="data folders").add_subparsers(dest="action", required=True)
     subset_arguments(data.add_parser("subset", help="cut a small, self-consistent data folder from a large one"))
@@ -85,6 +90,8 @@ def _exit(command: Callable[[], int], distributed: bool) -> None:
     try:
         code = command()
     except JsaragError as exc:
+        if isinstance(exc, PluginError) and exc.__cause__ is not None and not isinstance(exc.__cause__, JsaragError):
+            traceback.print_exception(exc.__cause__)  # a bug inside a plugin: show where
         print(f"jsarag: error: {exc}", file=sys.stderr)
         for note in getattr(exc, "__notes__", []):
             print(f"  {note}", file=sys.stderr)
@@ -101,17 +108,23 @@ def _exit(command: Callable[[], int], distributed: bool) -> None:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from jsarag.plugins import get_plugins
+    from jsarag.plugins import check_class, get_plugins
 
     for kind, registered in get_plugins().registry().items():
         print(f"{kind.replace('index', 'indexe')}s:")
         for name, entry in sorted(registered.items()):
-            print(f"  {name:<16} {entry.cls.__module__}.{entry.cls.__name__}  (plugin {entry.plugin}, package {entry.package})")
+            try:
+                check_class(entry)
+                broken = ""
+            except PluginError as exc:
+                broken = f"\n      BROKEN: {str(exc).split(': ', 1)[1]}"
+            print(f"  {name:<16} {entry.cls.__module__}.{entry.cls.__name__}  (plugin {entry.plugin}, package "
+                  f"{entry.package}){broken}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from jsarag.compare import compare
+    from jsarag.tools.compare import compare
 
     print(compare(args.runs, args.plot))
     return 0
@@ -120,8 +133,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from jsarag.loop import train
     from jsarag.recipe import load_recipe
-    from jsarag.report import print_summary
     from jsarag.run import build_run
+    from jsarag.summary import print_summary
 
     run = build_run(load_recipe(args.config, args.overrides))
     metrics = train(run)
@@ -147,33 +160,33 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from jsarag.passages import index_command
+    from jsarag.tools.index import index_command
 
     return index_command(args.action, args.config, args.overrides, getattr(args, "query", None), getattr(args, "k", 5))
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    from jsarag.diagnose import grad_variance
+    from jsarag.tools.diagnose import grad_variance
 
     grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out, args.checkpoints)
     return 0
 
 
 def _data(args: argparse.Namespace) -> int:
-    from jsarag.subset import main as subset
+    from jsarag.tools.subset import main as subset
 
     return subset(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "quality":
-        from jsarag.bench_quality import main as bench_quality
+        from jsarag.tools.bench_quality import main as bench_quality
 
         return bench_quality(args)
     if args.what == "step-cost":
-        from jsarag.bench_step import main as step_cost
+        from jsarag.tools.bench_step import main as step_cost
 
         return step_cost(args)
-    from jsarag.bench_retrieval import main as bench_retrieval
+    from jsarag.tools.bench_retrieval import main as bench_retrieval
 
     return bench_retrieval(args)

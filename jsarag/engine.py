@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,13 +27,12 @@ from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.runtime.zero.utils import ZeRORuntimeException  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
+from jsarag.api import StepResult, Trainable  # noqa: E402
 from jsarag.checkpoint import describe_write_error, fsync_file, load_file  # noqa: E402
-from jsarag.components import Trainable  # noqa: E402
 from jsarag.errors import RecipeError  # noqa: E402
 from jsarag.paths import confined  # noqa: E402
-from jsarag.types import StepResult  # noqa: E402
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(str(resources.files("jsarag.ds_configs")))  # the repository's ds_configs/, installed as data
 SHARED_MEMORY = Path("/dev/shm")  # where POSIX shm_open names live on Linux
 # The classes DeepSpeed pickles into its checkpoint files besides tensors and plain values, found with
 # torch.serialization.get_unsafe_globals_in_checkpoint on real checkpoints of the tiny recipe: ZeRO 1-3 optimizer
@@ -198,7 +198,8 @@ def _confine_writer_paths(config: dict, output_dir: Path) -> None:
 
 
 class Trainables(torch.nn.ModuleDict):
-    """Every trainable module of the run under one engine; its forward runs one micro-step's hooks."""
+    """Every trainable module of the run under one engine, by role then name (``prior.query_encoder``, ...); its
+    forward runs one micro-step's hooks."""
 
     def forward(self, step: Callable[[], StepResult]) -> tuple[torch.Tensor, StepResult]:  # type: ignore[override]
         """Return ``(loss, result)``: DeepSpeed finds the loss in a tuple and hooks its pre-backward step onto it."""
@@ -206,14 +207,21 @@ class Trainables(torch.nn.ModuleDict):
         return result.loss, result
 
 
-def build_engine(trainables: dict[str, Trainable], ds_config: dict[str, Any], train: Any) -> Any:
+def module_tree(trainables: dict[str, dict[str, Trainable]]) -> Trainables:
+    """The trainable modules by role then name, as the engine holds them (so their state-dict keys are the
+    checkpoint's: ``prior.query_encoder.<parameter>``)."""
+    return Trainables({role: torch.nn.ModuleDict({name: t.module for name, t in modules.items()})
+                       for role, modules in trainables.items()})
+
+
+def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[str, Any], train: Any) -> Any:
     """Wrap the modules in one DeepSpeed engine with a learning rate per module and a warm-up schedule."""
     from transformers import get_scheduler
 
-    module = Trainables({name: t.module for name, t in trainables.items()})
+    module = module_tree(trainables)
     groups = [
-        {"params": [p for p in t.module.parameters() if p.requires_grad], "lr": t.lr, "name": name}
-        for name, t in trainables.items()
+        {"params": [p for p in t.module.parameters() if p.requires_grad], "lr": t.lr, "name": f"{role}.{name}"}
+        for role, modules in trainables.items() for name, t in modules.items()
     ]
     groups = [g for g in groups if g["params"]]
     optimizer = None

@@ -8,11 +8,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from jsarag.api import Batch
 from jsarag.checkpoint import atomic_write
 from jsarag.data import Example
 from jsarag.faults import fault_point
 from jsarag.metrics import generation_metrics, retrieval_metrics
-from jsarag.types import Batch
 
 SAMPLES, SAMPLE_PASSAGES = 3, 3  # examples kept for reports, with this many of their top-ranked passages
 
@@ -68,12 +68,12 @@ def _sample(run: Any, example: Example, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _evaluate_batch(run: Any, batch: Batch) -> list[tuple[int, dict[str, Any]]]:
-    candidates = run.call("retrieve", batch=batch, train=False)
-    answers = run.call("generate", batch=batch, candidates=candidates) if run.recipe.eval.generate else None
-    kb_ids = run.ctx.kb.ids
+    candidates = run.rank(batch, min(run.recipe.eval.top_k, len(run.ctx.kb)))
+    answers = run.generate(batch, candidates) if run.recipe.eval.generate else None
+    kb = run.ctx.kb
     out = []
     for i, pos in enumerate(batch.positions):
-        ranked = [kb_ids[r] for r in candidates.rows[i].tolist() if r >= 0]
+        ranked = [kb.passage(r).id for r in candidates.rows[i].tolist() if r >= 0]
         out.append((pos, {"ranked": ranked, "answer": answers[i] if answers else ""}))
     return out
 

@@ -1,9 +1,9 @@
-"""The training loop. One micro-step runs the four hook points:
+"""The training loop. One micro-step runs the four hook points (``micro_step``):
 
-    candidates = retrieve(batch)              # retriever: candidate passages with prior/posterior logits
-    request    = sample(batch, candidates)    # estimator: which (example, passage) pairs to score
-    scores     = score(batch, candidates, request)   # generator: log p(y|x,h), batched
-    result     = update(batch, candidates, request, scores, rescore)  # estimator: the loss
+    candidates = run.retrieve(batch)                  # the framework: prior ∪ posterior ∪ extra rows, both logits
+    request    = run.sample(batch, candidates)        # the estimator: which (example, passage) pairs to score
+    scores     = run.score(batch, candidates, request)            # the generator: log p(y|x,h), batched
+    result     = run.update(batch, candidates, request, scores)   # the estimator: the loss
     engine.backward(result.loss); engine.step()
 
 plus evaluation every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps, and ``resume``.
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from jsarag import checkpoint
+from jsarag.api import Batch, StepResult
 from jsarag.engine import CHECKPOINT_LOAD_ERRORS, all_ranks_finite
 from jsarag.errors import RecipeError, TrainingError
 from jsarag.evaluate import evaluate, write_predictions
 from jsarag.faults import fault_point, poisoned
 from jsarag.run import Run
-from jsarag.types import Batch, ScoreRequest, StepResult
 
 log = logging.getLogger("jsarag.loop")
 
@@ -47,14 +47,14 @@ def train(run: Run) -> dict[str, Any]:
     cfg = run.recipe.train
     state = _resume(run)
     run.engine.train()
-    run.call("on_train_start", config=run.recipe, start_step=state.step, max_steps=cfg.max_steps)
+    run.notify("on_train_start", start_step=state.step, max_steps=cfg.max_steps)
     if state.step == 0 and run.recipe.eval.at_start:
         _evaluate(run, state)
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     while state.step < stop:
         loss, stats = _optimizer_step(run, state)
         state.step += 1
-        run.call("on_step_end", step=state.step, loss=loss, stats=stats)
+        run.notify("on_step_end", step=state.step, loss=loss, stats=stats)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             _evaluate(run, state)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop:
@@ -64,7 +64,7 @@ def train(run: Run) -> dict[str, Any]:
     if not _checkpointed(run, state.step):
         _checkpoint(run, state)
     metrics = write_metrics(run, state)
-    run.call("on_train_end", step=state.step, metrics=metrics)
+    run.notify("on_train_end", step=state.step, metrics=metrics)
     return metrics
 
 
@@ -72,8 +72,8 @@ def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]
     """Run ``grad_accum`` micro-steps (one optimizer step); return the mean loss and stats over ranks."""
     losses, stats = [], []
     while len(losses) < run.recipe.train.grad_accum:
-        batch = _next_batch(run, state)
-        _, result = run.engine(lambda: _micro_step(run, batch))  # (loss, StepResult)
+        batch = next_batch(run, state)
+        _, result = run.engine(lambda: micro_step(run, batch))  # (loss, StepResult)
         if poisoned("nonfinite_loss"):  # fault injection (JSARAG_FAULT): a transient NaN loss
             result.loss = result.loss * float("nan")
         if not all_ranks_finite(result.loss):
@@ -88,18 +88,12 @@ def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]
     return _reduce_mean(losses, stats)
 
 
-def _micro_step(run: Run, batch: Batch) -> StepResult:
-    """The four hook points for one micro-batch."""
-    extra = run.call("extra_candidates", batch=batch)  # one list per implementing plugin
-    batch.extra_rows = [sorted({r for rows in per_example for r in rows}) for per_example in zip(*extra)] if extra else []
-    candidates = run.call("retrieve", batch=batch, train=True)
-    request = run.call("sample", batch=batch, candidates=candidates)
-    scores = run.call("score", batch=batch, candidates=candidates, request=request)
-
-    def rescore(again: ScoreRequest):
-        return run.call("score", batch=batch, candidates=candidates, request=again)
-
-    return run.call("update", batch=batch, candidates=candidates, request=request, scores=scores, rescore=rescore)
+def micro_step(run: Run, batch: Batch) -> StepResult:
+    """The four hook points for one micro-batch; the loss carries the gradient of every trainable module."""
+    candidates = run.retrieve(batch)
+    request = run.sample(batch, candidates)
+    scores = run.score(batch, candidates, request)
+    return run.update(batch, candidates, request, scores)
 
 
 def _count_nonfinite(run: Run, state: LoopState) -> None:
@@ -117,7 +111,7 @@ def _count_nonfinite(run: Run, state: LoopState) -> None:
         )
 
 
-def _next_batch(run: Run, state: LoopState) -> Batch:
+def next_batch(run: Run, state: LoopState) -> Batch:
     """This rank's share of the next global micro-batch; a fresh seeded permutation each epoch."""
     per_rank, world, rank = run.recipe.train.batch_size, run.ctx.world_size, run.ctx.rank
     n = len(run.train_set)
@@ -156,7 +150,7 @@ def _evaluate(run: Run, state: LoopState) -> None:
     for split in run.eval_sets:
         record[split], samples, predictions = evaluate(run, split)
         write_predictions(run, split, state.step, predictions)
-        run.call("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
+        run.notify("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
     state.history.append(record)
     write_metrics(run, state)
 
@@ -177,7 +171,7 @@ def counters(run: Run) -> dict[str, dict[str, int]]:
     splits = {run.recipe.data.train_split: run.train_set, **run.eval_sets} if run.train_set is not None else run.eval_sets
     found = {"data": {f"{split}_{what}": getattr(examples, what) for split, examples in splits.items()
                       for what in ("skipped", "dropped_unanswerable")}}
-    mine = {kind: component.counters() for kind, component in run.components.items()}
+    mine = {role: component.counters() for role, component in run.components().items()}
     everyone = [mine]
     if run.ctx.world_size > 1:
         everyone = [None] * run.ctx.world_size
@@ -199,11 +193,11 @@ def _checkpointed(run: Run, step: int) -> bool:
 
 def _checkpoint(run: Run, state: LoopState) -> None:
     loop_state = {"loop": asdict(state), "rng": checkpoint.rng_state(),
-                  "components": {k: c.state_dict() for k, c in run.components.items()}}
+                  "components": {role: c.state_dict() for role, c in run.components().items()}}
     path = checkpoint.save(run.engine, _root(run), state.step, run.ctx.rank, loop_state)
     if run.ctx.rank == 0:
         checkpoint.prune(_root(run), run.recipe.train.keep_checkpoints)
-    run.call("on_checkpoint", step=state.step, path=path)
+    run.notify("on_checkpoint", step=state.step, path=path)
 
 
 def _resume(run: Run) -> LoopState:
@@ -219,8 +213,8 @@ def _resume(run: Run) -> LoopState:
     _load_engine(run, root, tag)
     saved = checkpoint.load_loop_state(root, tag, run.ctx.rank)
     checkpoint.set_rng_state(saved["rng"])
-    for kind, component in run.components.items():
-        component.load_state_dict(saved["components"].get(kind, {}))
+    for role, component in run.components().items():
+        component.load_state_dict(saved["components"].get(role, {}))
     log.info("resumed from %s", root / tag)
     return LoopState(**saved["loop"])
 

@@ -1,24 +1,27 @@
 """The plugin manager: built-in and third-party plugins load the same way, from the entry-point group ``jsarag``.
 
+Plugins answer only the registration hooks of ``jsarag.api`` (pluggy); the registered classes are checked against
+their kind's contract when a run chooses them (``check_class``), before anything is built.
+
 - ``JSARAG_LOAD_PLUGINS=a,b`` loads only the named entry points (``JSARAG_LOAD_PLUGINS=`` loads none).
-- ``JSARAG_TRACE_PLUGINS=1`` prints every hook call with the plugins that implement it to stderr.
-An unknown component name is an error that lists the registered names; an exception inside a plugin names it.
+- ``JSARAG_TRACE_PLUGINS=1`` prints every registration call and every hook-point call of a run to stderr.
+A misspelt registration hook is an error naming the plugin (pluggy's ``check_pending``); an unknown component name
+lists the registered names.
 """
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any
 
 import pluggy
 
-from jsarag import hookspecs
-from jsarag.components import Component
+from jsarag import api
 from jsarag.errors import JsaragError, PluginError
 
 GROUP = "jsarag"
@@ -29,6 +32,27 @@ KINDS = {  # component kind -> its registration hook
     "estimator": "register_estimators",
     "observer": "register_observers",
 }
+# the methods a step calls on each kind: a component that defines another kind's is answering the wrong hook point
+STEP_METHODS = {
+    "retriever": {"encode", "search", "score"},
+    "index": {"search"},
+    "generator": {"score", "generate"},
+    "estimator": {"extra_rows", "sample", "update"},
+    "observer": {"on_hook"},
+}
+FRAMEWORK_HOOKS = {"retrieve": "the framework builds the candidate set: a retriever implements encode, search and "
+                               "score instead"}
+LIFECYCLE = {name for name in vars(api.Component) if name.startswith("on_")} | {"on_hook"}
+
+
+def tracing() -> bool:
+    """Whether ``JSARAG_TRACE_PLUGINS=1`` asks for every hook call to be printed."""
+    return os.environ.get("JSARAG_TRACE_PLUGINS") == "1"
+
+
+def trace(text: str) -> None:
+    """Print one trace line to stderr."""
+    print(f"[jsarag trace] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -37,24 +61,25 @@ class Registered:
 
     kind: str
     name: str
-    cls: type[Component]
+    cls: type[api.Component]
     plugin: str
     package: str
 
+    def describe(self) -> str:
+        """``kind 'name' (plugin p, package q)`` for messages."""
+        return f"{self.kind} '{self.name}' (plugin {self.plugin}, package {self.package})"
+
 
 class Plugins:
-    """The loaded plugins, their registered components, and attributed hook calls."""
+    """The loaded plugins and the component classes they registered."""
 
     def __init__(self, load_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(GROUP)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(api)
         self.packages: dict[str, str] = {}  # plugin name -> distribution it came from
         self._registry: dict[str, dict[str, Registered]] | None = None
         if load_entry_points:
             self._load_entry_points()
-        self.tracing = os.environ.get("JSARAG_TRACE_PLUGINS") == "1"
-        if self.tracing:
-            self.pm.add_hookcall_monitoring(_trace_before, lambda *a: None)
 
     def _load_entry_points(self) -> None:
         wanted = os.environ.get("JSARAG_LOAD_PLUGINS")
@@ -70,11 +95,16 @@ class Plugins:
             self.add(module, ep.name, package)
 
     def add(self, plugin: ModuleType | object, name: str, package: str = "?") -> None:
-        """Register a plugin module (or object) under ``name``."""
+        """Register a plugin module (or object) under ``name``; a hook it implements that no spec knows is an error."""
         self.pm.register(plugin, name=name)
         self.packages[name] = package
-        if not isinstance(plugin, Component):
-            self._registry = None  # a new plugin module may register new components
+        self._registry = None
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            hooks = ", ".join(KINDS.values())
+            raise PluginError(f"plugin '{name}' (package {package}): {exc}; the hooks are {hooks}") from None
 
     def registry(self) -> dict[str, dict[str, Registered]]:
         """Return every registered component, by kind then name."""
@@ -85,20 +115,32 @@ class Plugins:
     def _collect(self) -> dict[str, dict[str, Registered]]:
         found: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
         for kind, hook_name in KINDS.items():
-            impls = getattr(self.pm.hook, hook_name).get_hookimpls()
-            if self.tracing:  # registration hooks are called one plugin at a time, to know who registered what
-                _trace_before(hook_name, impls, {})
-            for impl in impls:
-                package = self.packages.get(impl.plugin_name, "?")
-
-                def register(name: str, cls: type[Component], *, _p=impl.plugin_name, _pkg=package, _k=kind) -> None:
-                    if name in found[_k]:
-                        other = found[_k][name].plugin
-                        raise PluginError(f"{_k} '{name}' is registered twice: by plugin '{other}' and by '{_p}'")
-                    found[_k][name] = Registered(_k, name, cls, _p, _pkg)
-
-                self._call_impl(impl, hook_name, register=register)
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                plugin, package = impl.plugin_name, self.packages.get(impl.plugin_name, "?")
+                if tracing():
+                    trace(f"{hook_name} -> {plugin}")
+                register = functools.partial(self._register, found[kind], kind, plugin, package)
+                try:
+                    impl.function(register=register)
+                except JsaragError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"plugin '{plugin}' raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
         return found
+
+    @staticmethod
+    def _register(found: dict[str, Registered], kind: str, plugin: str, package: str, name: str, cls: type) -> None:
+        base = api.BASES[kind]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginError(f"plugin '{plugin}' registered {kind} '{name}' as {cls!r}, which is not a subclass of "
+                              f"jsarag.api.{base.__name__}")
+        options_base = api.IndexOptions if kind == "index" else api.Options
+        if not (isinstance(cls.Options, type) and issubclass(cls.Options, options_base)):
+            raise PluginError(f"{kind} '{name}' (plugin {plugin}): its Options must subclass "
+                              f"jsarag.api.{options_base.__name__}")
+        if name in found:
+            raise PluginError(f"{kind} '{name}' is registered twice: by plugin '{found[name].plugin}' and by '{plugin}'")
+        found[name] = Registered(kind, name, cls, plugin, package)
 
     def component(self, kind: str, name: str) -> Registered:
         """Return the component ``name`` of ``kind``; an unknown name lists the registered ones."""
@@ -108,51 +150,31 @@ class Plugins:
             raise PluginError(f"unknown {kind} '{name}'; registered {kind}s: {names}")
         return known[name]
 
-    def join(self, instance: Component, kind: str, name: str) -> None:
-        """Let a built component take part in the run's hook calls."""
-        self.add(instance, f"{kind}:{name}", self.component(kind, name).package)
 
-    def call(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call a hook; an exception from a plugin is re-raised naming that plugin."""
-        hook = getattr(self.pm.hook, hook_name)
-        try:
-            return hook(**kwargs)
-        except Exception as exc:
-            error = _attributed(exc, hook_name, hook.get_hookimpls())
-            if error is exc:
-                raise
-            raise error from exc
-
-    def _call_impl(self, impl: pluggy.HookImpl, hook_name: str, **kwargs: Any) -> Any:
-        try:
-            return impl.function(**kwargs)
-        except JsaragError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin '{impl.plugin_name}' raised in {hook_name}: {type(exc).__name__}: {exc}") from exc
-
-
-def _culprit(exc: BaseException, impls: list[pluggy.HookImpl]) -> str | None:
-    """Return the plugin whose hook function appears innermost in the traceback."""
-    codes = {impl.function.__code__: impl.plugin_name for impl in impls if hasattr(impl.function, "__code__")}
-    culprit = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        culprit = codes.get(frame.f_code, culprit)
-    return culprit
-
-
-def _attributed(exc: Exception, hook_name: str, impls: list[pluggy.HookImpl]) -> Exception:
-    """Name the plugin in the error: project errors keep their type (with a note), others become PluginError."""
-    plugin = _culprit(exc, impls) or "?"
-    if isinstance(exc, JsaragError):
-        exc.add_note(f"(raised by plugin '{plugin}' in hook {hook_name})")
-        return exc
-    return PluginError(f"plugin '{plugin}' raised in hook {hook_name}: {type(exc).__name__}: {exc}")
-
-
-def _trace_before(hook_name: str, impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
-    names = ", ".join(impl.plugin_name for impl in reversed(impls)) or "no plugin"
-    print(f"[jsarag trace] {hook_name} -> {names}", file=sys.stderr, flush=True)
+def check_class(registered: Registered) -> None:
+    """Refuse a component class that breaks its kind's contract: a required method missing (with the method it
+    probably meant), a method of another kind's hook point, an unknown ``on_*`` event, or a ``@hookimpl`` method."""
+    cls, kind, problems = registered.cls, registered.kind, []
+    own = {name for klass in cls.__mro__ if klass not in inspect.getmro(api.BASES[kind]) for name in vars(klass)
+           if not name.startswith("_")}
+    for missing in sorted(getattr(cls, "__abstractmethods__", ())):
+        close = difflib.get_close_matches(missing, sorted(own), n=1, cutoff=0.75)
+        problems.append(f"it does not implement {missing}" + (f" (is '{close[0]}' a misspelling?)" if close else ""))
+    others = set().union(*(m for k, m in STEP_METHODS.items() if k != kind)) - STEP_METHODS[kind]
+    if kind in ("index", "observer"):
+        others |= {"score", "encode"} - STEP_METHODS[kind]
+    for name in sorted(own & (others | set(FRAMEWORK_HOOKS))):
+        owner = FRAMEWORK_HOOKS.get(name) or "a hook point of " + ", ".join(
+            f"{k}s" for k, methods in STEP_METHODS.items() if name in methods)
+        problems.append(f"it defines {name}, which is {owner}; only that kind answers it")
+    for name in sorted(n for n in own if n.startswith("on_") and n not in LIFECYCLE):
+        close = difflib.get_close_matches(name, sorted(LIFECYCLE), n=1)
+        problems.append(f"it defines {name}, which is no event" + (f" (did you mean {close[0]}?)" if close else ""))
+    for name in sorted(n for n in own if hasattr(getattr(cls, n, None), "jsarag_impl")):
+        problems.append(f"its method {name} carries @hookimpl, which marks registration hooks only (methods are "
+                        "called directly)")
+    if problems:
+        raise PluginError(f"{registered.describe()} cannot join a run: " + "; ".join(problems))
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,27 +2,44 @@
 
 A recipe is a YAML file (read with ``yaml.safe_load`` only) that may ``extends:`` a base recipe (path relative to
 the file) and is then overridden by ``key=value`` pairs from the command line (dotted keys, values parsed as YAML).
-Each component section ``{name: ..., <options>}`` is checked against the chosen plugin's own ``Options`` schema.
+Each component section ``{name: ..., <options>}`` is checked against the chosen plugin's own ``Options`` schema,
+and the chosen components against each other and their kinds' contracts (``jsarag.api``), before anything loads.
 Changing a section's ``name`` (in a child recipe or an override) starts that section afresh: the options of the
 old plugin do not carry over. Errors name the key, the file and line it came from, and a close match.
+
+The ``posterior`` section is the posterior role q(h|x,y): ``copy`` (the default) builds a second instance of the
+``retriever`` section's plugin with its options (so it starts from the same weights); a mapping without a new
+``name`` does the same with some options changed; a mapping with another ``name`` is another plugin; ``prior``
+makes the prior itself read ``x [SEP] y`` (shared weights). It is built only for estimators that need it.
+A recipe path given by name (``tiny_rag``) is looked up among the recipes packaged with jsarag.
 """
 from __future__ import annotations
 
 import copy
 import difflib
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from jsarag.components import Options, PathOption
+from jsarag.api import Options, PathOption
 from jsarag.errors import RecipeError
 from jsarag.paths import plain_name, stays_inside
-from jsarag.plugins import Plugins
+from jsarag.plugins import Plugins, Registered, check_class
 
-COMPONENT_SECTIONS = ("retriever", "index", "generator", "estimator")
+COMPONENT_SECTIONS = ("retriever", "posterior", "index", "generator", "estimator")
+KIND_OF = {"retriever": "retriever", "posterior": "retriever", "index": "index", "generator": "generator",
+           "estimator": "estimator"}
+DEFAULT_INDEX = {"name": "faiss"}
+MOVED = {  # keys of earlier versions -> where they live now
+    "retriever.top_k": "candidates.prior_top_k", "retriever.posterior_top_k": "candidates.posterior_top_k",
+    "retriever.candidates": "candidates.mode", "retriever.posterior_sep": "candidates.posterior_sep",
+    "retriever.posterior_lr": "posterior.lr", "retriever.share_posterior": "posterior: prior",
+    "index.refresh": "retriever.refresh", "train.log_every": "observers: [{name: progress, log_every: N}, ...]",
+}
 Origins = dict[str, str]  # dotted key -> "file line N" or "command line"
 MAX_DEPTH = 64  # nesting of mappings and lists a recipe may have (deeper is an error, not a RecursionError)
 MAX_VALUES = 100_000  # keys and values of a recipe once YAML aliases are expanded (a "billion laughs" file)
@@ -83,8 +100,6 @@ class TrainConfig(Section):
     """AdamW betas (a YAML list of two numbers)."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient-norm clipping (0 = off)."""
-    log_every: int = Field(10, ge=1)
-    """Steps between log lines when output is not a terminal."""
     eval_every: int = Field(0, ge=0)
     """Steps between evaluations (0 = only at the end)."""
     checkpoint_every: int = Field(0, ge=0)
@@ -113,6 +128,17 @@ class EvalConfig(Section):
     """Decode answers (EM/F1); false = retrieval metrics only."""
 
 
+class CandidatesConfig(Section):
+    prior_top_k: int = Field(10, ge=1)
+    """k_p: the prior's top passages that join the training candidates (RAG's K)."""
+    posterior_top_k: int = Field(10, ge=1)
+    """k_q: the posterior's top passages that join them (for estimators that need a posterior)."""
+    mode: Literal["topk", "all"] = "topk"
+    """topk: prior top-k_p ∪ posterior top-k_q ∪ the estimator's extra rows; all: every KB passage (small KBs)."""
+    posterior_sep: str = " [SEP] "
+    """What separates x and y in the posterior's query text."""
+
+
 class DeepSpeedSection(Section):
     config: str = "zero0.json"
     """A file in ds_configs/ or a path to a DeepSpeed JSON config."""
@@ -126,6 +152,7 @@ class ComponentSpec(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     name: str
     options: Options
+    shares_prior: bool = False  # the posterior role only: the prior's own instance reads x [SEP] y
 
 
 class Recipe(Section):
@@ -135,11 +162,13 @@ class Recipe(Section):
     """auto: continue from the latest complete checkpoint in output_dir, if any."""
     data: DataConfig = DataConfig()
     retriever: ComponentSpec
+    posterior: ComponentSpec
     index: ComponentSpec
     generator: ComponentSpec
     estimator: ComponentSpec
-    observers: list[str] = ["progress", "jsonl_log", "report"]
-    """Observer plugins that watch the run."""
+    candidates: CandidatesConfig = CandidatesConfig()
+    observers: list[ComponentSpec] = []
+    """Observer plugins that watch the run (a name, or a mapping with name and options)."""
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
@@ -151,57 +180,136 @@ class Recipe(Section):
     def _output_dir_stays_put(cls, value: Path) -> Path:
         return stays_inside(value)
 
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as plain data with every default filled in (each component's options by its own schema)."""
+        return self.model_dump(mode="json", exclude={"source"}, serialize_as_any=True)
+
 
 def load_recipe(path: str | Path, overrides: list[str] = (), plugins: Plugins | None = None) -> Recipe:
-    """Read, merge and validate a recipe file with command-line overrides."""
-    raw, origins = _read_with_extends(Path(path), seen=())
+    """Read, merge and validate a recipe file (or a packaged recipe's name) with command-line overrides."""
+    raw, origins = _read_with_extends(find_recipe(path), seen=())
     for item in overrides:
         _apply_override(raw, origins, item)
     return validate(raw, origins, plugins or Plugins())
 
 
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes shipped with jsarag (the repository's recipes/ folder, installed as ``jsarag.recipes``), by name."""
+    folder = Path(str(resources.files("jsarag.recipes")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def find_recipe(path: str | Path) -> Path:
+    """The recipe file a ``--config`` value names: an existing path, else a packaged recipe by name (``tiny_rag``)."""
+    given = Path(path)
+    if _exists(given) or given.parent != Path("."):
+        return given
+    packaged = packaged_recipes()
+    name = given.name.removesuffix(".yaml")
+    if name in packaged:
+        return packaged[name]
+    raise RecipeError(f"recipe file not found: {given} (nor is '{name}' a packaged recipe: "
+                      f"{', '.join(packaged) or 'none'})")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a NUL character, a name too long
+        return False
+
+
 def validate(raw: dict[str, Any], origins: Origins, plugins: Plugins) -> Recipe:
-    """Turn a merged recipe dict into a ``Recipe``, checking every component against its plugin's schema."""
-    plain = {k: v for k, v in raw.items() if k not in COMPONENT_SECTIONS and k != "source"}
+    """Turn a merged recipe dict into a ``Recipe``: every component against its plugin's schema and its kind's
+    contract, and the chosen components against each other."""
     if "source" in raw:
         raise RecipeError(f"'source' is not a recipe key ({_where('source', origins)})")
-    components = {}
-    for section in COMPONENT_SECTIONS:
+    plain = {k: v for k, v in raw.items() if k not in COMPONENT_SECTIONS and k not in ("source", "observers")}
+    for section in ("retriever", "generator", "estimator"):
         if section not in raw:
             raise RecipeError(f"the recipe has no '{section}' section ({_where('', origins)})")
-        components[section] = _component(section, raw[section], origins, plugins)
-    observers = raw.get("observers")
-    for name in observers if isinstance(observers, list) else []:  # other types: the schema reports them
-        if isinstance(name, str):
-            _check_plugin("observer", name, "observers", origins, plugins)
+    components = {section: _component(section, _section_value(raw, section, origins), origins, plugins)
+                  for section in COMPONENT_SECTIONS}
+    components["posterior"].shares_prior = raw.get("posterior") == "prior"
+    observers = raw.get("observers", ["progress", "jsonl_log", "report"])
+    if not isinstance(observers, list):
+        raise RecipeError(f"observers: a list of observer names or {{name: ...}} mappings, got {_shown(observers)} "
+                          f"({_where('observers', origins)})")
+    chosen = [_component(f"observers.{i}", {"name": o} if isinstance(o, str) else o, origins, plugins, "observer")
+              for i, o in enumerate(observers)]
     try:
-        return Recipe.model_validate({**plain, **components, "source": copy.deepcopy(raw)})
+        recipe = Recipe.model_validate({**plain, **components, "observers": chosen, "source": copy.deepcopy(raw)})
     except ValidationError as exc:
         raise _recipe_error(exc, Recipe, (), origins) from None
+    _check_combination(recipe, origins, plugins)
+    return recipe
 
 
-def _component(section: str, value: Any, origins: Origins, plugins: Plugins) -> ComponentSpec:
+def _section_value(raw: dict[str, Any], section: str, origins: Origins) -> Any:
+    """A component section as written, with the defaults of the optional ones: ``index`` is faiss, ``posterior``
+    a copy of the ``retriever`` section (a mapping without another ``name`` changes some of its options)."""
+    if section == "index":
+        return raw.get("index", DEFAULT_INDEX)
+    if section != "posterior":
+        return raw[section]
+    value, prior = raw.get("posterior", "copy"), raw["retriever"]
+    if value in ("copy", "prior"):
+        return prior
+    if isinstance(value, dict) and isinstance(prior, dict) and value.get("name", prior.get("name")) == prior.get("name"):
+        for key in prior:  # options the posterior takes from the prior are reported at the prior's lines
+            if f"retriever.{key}" in origins:
+                origins.setdefault(f"posterior.{key}", origins[f"retriever.{key}"])
+        return {**prior, **value}
+    if not isinstance(value, dict):
+        raise RecipeError(f"posterior: 'copy', 'prior' or a retriever section, got {_shown(value)} "
+                          f"({_where('posterior', origins)})")
+    return value
+
+
+def _component(section: str, value: Any, origins: Origins, plugins: Plugins, kind: str | None = None) -> ComponentSpec:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise RecipeError(f"{section} must be a mapping with a 'name' ({_where(section, origins)})")
-    kind = "index" if section == "index" else section
-    cls = _check_plugin(kind, value["name"], f"{section}.name", origins, plugins)
+    registered = _check_plugin(kind or KIND_OF[section], value["name"], f"{section}.name", origins, plugins)
     options = {k: v for k, v in value.items() if k != "name"}
     try:
-        return ComponentSpec(name=value["name"], options=cls.Options.model_validate(options))
+        return ComponentSpec(name=value["name"], options=registered.cls.Options.model_validate(options))
     except ValidationError as exc:
-        raise _recipe_error(exc, cls.Options, (section,), origins, extra_keys=("name",)) from None
+        raise _recipe_error(exc, registered.cls.Options, (section,), origins, extra_keys=("name",)) from None
 
 
-def _check_plugin(kind: str, name: str, key: str, origins: Origins, plugins: Plugins) -> type:
+def _check_plugin(kind: str, name: str, key: str, origins: Origins, plugins: Plugins) -> Registered:
     known = plugins.registry()[kind]
     if name in known:
-        return known[name].cls
+        check_class(known[name])
+        return known[name]
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise RecipeError(
         f"{key}: unknown {kind} plugin '{name}' ({_where(key, origins)}); registered: "
         f"{', '.join(sorted(known)) or 'none'}{hint}"
     )
+
+
+def _check_combination(recipe: Recipe, origins: Origins, plugins: Plugins) -> None:
+    """Refuse chosen components that cannot work together, naming both (before any model loads)."""
+    estimator = plugins.component("estimator", recipe.estimator.name)
+    prior = plugins.component("retriever", recipe.retriever.name)
+    posterior = plugins.component("retriever", recipe.posterior.name)
+    needs = estimator.cls
+    where = _where("estimator.name", origins)
+    if needs.needs_all_candidates and recipe.candidates.mode != "all":
+        raise RecipeError(f"{estimator.describe()} scores every passage: set candidates.mode: all ({where})")
+    if not prior.cls.scores_any_rows:
+        wants = [why for why, yes in (("a posterior's rows", needs.needs_posterior), ("rows of its own",
+                 needs.adds_rows), ("every passage (candidates.mode: all)", recipe.candidates.mode == "all")) if yes]
+        if wants:
+            raise RecipeError(f"the prior, {prior.describe()}, scores only the rows its own search returned, but "
+                              f"{estimator.describe()} needs it to score {' and '.join(wants)}; pick another "
+                              f"retriever or estimator ({_where('retriever.name', origins)})")
+    if needs.needs_posterior and not posterior.cls.scores_any_rows:
+        raise RecipeError(f"{estimator.describe()} needs a posterior that scores the prior's candidates, but the "
+                          f"posterior, {posterior.describe()}, scores only the rows its own search returned; pick "
+                          f"another posterior ({_where('posterior', origins)})")
 
 
 def _recipe_error(
@@ -216,6 +324,10 @@ def _recipe_error(
         fields = [f for f in _fields_at(model, err["loc"][:-1]) if f != "source"] + list(extra_keys)
         close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
         message = f"{key}: unknown key" + (f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else "")
+        as_prior = "retriever." + ".".join(loc[1:])  # the posterior section takes the retriever's keys
+        moved = MOVED.get(key) or (MOVED.get(as_prior) if loc[0] == "posterior" else None)
+        if moved:
+            message = f"{key}: this key moved to {moved}"
         message += f" (valid here: {', '.join(sorted(fields))})"
     elif err["type"] == "value_error":  # a validator's own message (it quotes the value)
         message = f"{key}: {err['ctx']['error']}"
@@ -440,6 +552,8 @@ def _apply_override(raw: dict[str, Any], origins: Origins, item: str) -> None:
         raise RecipeError(f"override '{_cut(item)}': the value is not valid YAML: {_unreadable(exc)}") from None
     _check_values(value, {"": f"command line override '{_cut(item)}'"}, key.strip())
     node = raw
+    if parts[0] == "posterior" and len(parts) > 1 and raw.get("posterior") == "copy":
+        raw["posterior"] = {}  # a copy of the prior with this option changed
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

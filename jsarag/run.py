@@ -1,43 +1,164 @@
-"""Assemble a run from a recipe: process group, data, knowledge base, the chosen components, one DeepSpeed engine."""
+"""Assemble a run from a recipe: process group, data, knowledge base, the chosen components, one DeepSpeed engine;
+and the run's hook points, each answered by the one component of the right kind.
+
+    candidates = run.retrieve(batch)                          # the framework, with the prior's and posterior's
+                                                              #   encode / search / score
+    request    = run.sample(batch, candidates)                # the estimator
+    scores     = run.score(batch, candidates, request)        # the generator
+    result     = run.update(batch, candidates, request, scores)   # the estimator (may have the generator rescore)
+
+Observers watch each answer (``Observer.on_hook``) and every lifecycle event; ``JSARAG_TRACE_PLUGINS=1`` prints
+each call. An exception inside a component is re-raised as a PluginError naming the component and its plugin.
+"""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import random
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from jsarag.components import Component, RunContext, Trainable
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Component,
+    Context,
+    Estimator,
+    Generator,
+    Observer,
+    Retriever,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    Trainable,
+)
+from jsarag.candidates import candidate_set, ranked
 from jsarag.data import ExampleSet, default_data_dir, load_examples, split_path
 from jsarag.engine import build_engine, init_distributed, load_ds_config
-from jsarag.errors import RecipeError
+from jsarag.errors import JsaragError, PluginError, RecipeError
 from jsarag.kb import load_kb
 from jsarag.models import cache_dir
-from jsarag.plugins import Plugins
-from jsarag.recipe import Recipe
+from jsarag.plugins import Plugins, Registered, trace, tracing
+from jsarag.recipe import CandidatesConfig, ComponentSpec, Recipe
 
 log = logging.getLogger("jsarag.run")
-BUILD_ORDER = ("estimator", "index", "retriever", "generator")  # a retriever needs its index; both read the estimator
+T = TypeVar("T")
 
 
 @dataclass
 class Run:
-    """Everything one training or evaluation run is made of."""
+    """Everything one training or evaluation run is made of, and its hook points."""
 
     recipe: Recipe
-    ctx: RunContext
+    ctx: Context  # the run's own context (role "run")
     plugins: Plugins
-    components: dict[str, Component]
-    observers: list[Component]
+    prior: Retriever
+    posterior: Retriever | None  # None when the estimator needs none; the prior itself with `posterior: prior`
+    generator: Generator | None  # None in a retrieval-only run (``jsarag index``)
+    estimator: Estimator
+    observers: list[Observer]
     train_set: ExampleSet | None
     eval_sets: dict[str, ExampleSet]
-    engine: object = None
+    candidates_config: CandidatesConfig
+    sources: dict[int, Registered]  # id(component) -> the registry entry it was built from
+    engine: Any = None
 
-    def call(self, hook: str, **kwargs):
-        """Call a hook on the run's plugins."""
-        return self.plugins.call(hook, **kwargs)
+    # -- the hook points -------------------------------------------------------------------------------------------
+
+    def retrieve(self, batch: Batch) -> Candidates:
+        """Hook point 1: the training candidates, prior ∪ posterior ∪ the estimator's extra rows, with both logits."""
+        extra = self.estimator.extra_rows(batch) if self.estimator.adds_rows else []
+        posterior = self.posterior if self.estimator.needs_posterior else None
+        return self._answer("retrieve", self.prior, batch, lambda: candidate_set(
+            batch, self.prior, posterior, self.candidates_config, len(self.ctx.kb), self.ctx.history_turns, extra))
+
+    def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
+        """Hook point 2: which (example, passage) pairs the generator scores (the estimator)."""
+        return self._answer("sample", self.estimator, batch, lambda: self.estimator.sample(batch, candidates))
+
+    def score(self, batch: Batch, candidates: Candidates, request: ScoreRequest) -> Scores:
+        """Hook point 3: log p(y|x,h) of the requested pairs (the generator)."""
+        return self._answer("score", self.generator, batch, lambda: self.generator.score(batch, candidates, request))
+
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
+        """Hook point 4: the micro-batch's loss (the estimator); it may have the generator score pairs again."""
+        def rescore(again: ScoreRequest) -> Scores:
+            return self.score(batch, candidates, again)
+
+        return self._answer("update", self.estimator, batch,
+                            lambda: self.estimator.update(batch, candidates, request, scores, rescore))
+
+    def rank(self, batch: Batch, k: int) -> Candidates:
+        """The prior's top-k passages of each example, best first (evaluation, ``jsarag index search``)."""
+        return self._answer("retrieve", self.prior, batch, lambda: ranked(batch, self.prior, k,
+                                                                          self.ctx.history_turns))
+
+    def generate(self, batch: Batch, candidates: Candidates) -> list[str]:
+        """One decoded answer per example from the prior's ranked candidates (the generator)."""
+        return self._answer("generate", self.generator, batch, lambda: self.generator.generate(batch, candidates))
+
+    def _answer(self, hook: str, component: Component, batch: Batch, call: Callable[[], T]) -> T:
+        """Call the component that answers ``hook``; let the observers watch; name the plugin in its errors."""
+        if tracing():
+            trace(f"{hook} -> {component.ctx.role} {self.registered(component).describe()}")
+        try:
+            result = call()
+        except JsaragError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"{component.ctx.role}, {self.registered(component).describe()}, raised in {hook}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        for observer in self.observers:
+            observer.on_hook(hook, batch, result)
+        return result
+
+    # -- what the loop and the tools need ----------------------------------------------------------------------------
+
+    def components(self) -> dict[str, Component]:
+        """The run's components by role (the prior once when it is also the posterior), observers excluded."""
+        roles = {"prior": self.prior, "posterior": self.posterior, "generator": self.generator,
+                 "estimator": self.estimator}
+        return {role: c for role, c in roles.items() if c is not None and (role != "posterior" or c is not self.prior)}
+
+    def registered(self, component: Component) -> Registered:
+        """The registry entry a component of this run was built from."""
+        return self.sources[id(component)]
+
+    def notify(self, event: str, **kwargs: Any) -> None:
+        """Send a lifecycle event (``on_train_start``, ``on_step_end``, ...) to every component, then the observers."""
+        for component in [*self.components().values(), *self.observers]:
+            if tracing():
+                trace(f"{event} -> {component.ctx.role} {self.registered(component).describe()}")
+            getattr(component, event)(**kwargs)
+
+    def new_estimator(self, name: str, options: Any) -> Estimator:
+        """A new estimator of this run's KB and devices (tools compare several on one run)."""
+        registered = self.plugins.component("estimator", name)
+        estimator = _build(registered, options, _role(self.ctx, "estimator"))
+        self.sources[id(estimator)] = registered
+        return estimator
+
+    @contextlib.contextmanager
+    def using(self, estimator: Estimator | None = None, candidates: CandidatesConfig | None = None) -> Iterator[None]:
+        """Let another estimator and/or candidate setting answer the hook points for the duration of the block (the
+        posterior joins the candidates only for an estimator that needs one, as in a run of that estimator)."""
+        if estimator is not None and estimator.needs_posterior and self.posterior is None:
+            raise RecipeError(f"{self.registered(estimator).describe()} needs a posterior, which this run did not "
+                              "build: build the run for an estimator that needs one")
+        saved = self.estimator, self.candidates_config
+        self.estimator = estimator or self.estimator
+        self.candidates_config = candidates or self.candidates_config
+        try:
+            yield
+        finally:
+            self.estimator, self.candidates_config = saved
 
 
 def seed_everything(seed: int) -> None:
@@ -47,54 +168,116 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(recipe: Recipe, train: bool = True, kinds: tuple[str, ...] = BUILD_ORDER) -> Run:
-    """Build a run of the given component kinds; with ``train`` a DeepSpeed engine wraps every trainable module."""
+def build_run(recipe: Recipe, train: bool = True, engine: bool | None = None, generator: bool = True,
+              plugins: Plugins | None = None) -> Run:
+    """Build a run: with ``train`` the train split is loaded and (unless ``engine`` is False) a DeepSpeed engine wraps
+    every trainable module; without ``generator`` only the retrievers are built (retrieval-only commands)."""
     # Subnormal floats (below 1.2e-38) make CPU matmuls ~150x slower; rag's backward meets them whenever a passage's
     # posterior weight is ~1e-40, turning a 2 s step into a minute. Flushing them to zero changes only such values.
     torch.set_flush_denormal(True)
+    plugins = plugins or Plugins()
     rank, world, device = init_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it found, line by line
     seed_everything(recipe.train.seed)
     data_dir = recipe.data.dir or default_data_dir()
     kb = load_kb(split_path(data_dir, "passages"))
+    train_set = _examples(data_dir, recipe.data.train_split, kb, recipe) if train else None
+    eval_sets = {s: _examples(data_dir, s, kb, recipe) for s in recipe.data.eval_splits}
     output_dir = recipe.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train, output_dir)
-    ctx = RunContext(recipe=recipe, kb=kb, output_dir=output_dir, cache_dir=cache_dir(), device=device,
-                     rank=rank, world_size=world, ds_config=ds_config)
-    plugins = Plugins()
-    components = {kind: _build(kind, getattr(recipe, kind), ctx, plugins) for kind in BUILD_ORDER if kind in kinds}
-    observers = [_build("observer", name, ctx, plugins) for name in recipe.observers]
-    run = Run(recipe, ctx, plugins, components, observers,
-              train_set=_examples(data_dir, recipe.data.train_split, kb, recipe) if train else None,
-              eval_sets={s: _examples(data_dir, s, kb, recipe) for s in recipe.data.eval_splits})
-    run.engine = build_engine(_trainables(components), ds_config, recipe.train) if train else None
+    resolved = recipe.resolved()
+    if not plugins.component("estimator", recipe.estimator.name).cls.needs_posterior:
+        resolved["posterior"] = None  # this run builds none
+    ctx = Context(role="run", kb=kb, output_dir=output_dir, cache_dir=cache_dir(), device=device, rank=rank,
+                  world_size=world, history_turns=recipe.data.max_history_turns, ds_config=ds_config,
+                  recipe=resolved, recipe_source=recipe.source)
+    index = plugins.component("index", recipe.index.name)
+    ctx.new_index = lambda: _build(index, recipe.index.options, _role(ctx, "index"))
+    sources: dict[int, Registered] = {}
+
+    def build(role: str, kind: str, spec: ComponentSpec) -> Any:
+        registered = plugins.component(kind, spec.name)
+        component = _build(registered, spec.options, _role(ctx, role))
+        sources[id(component)] = registered
+        return component
+
+    estimator = build("estimator", "estimator", recipe.estimator)
+    prior = build("prior", "retriever", recipe.retriever)
+    posterior = None
+    if estimator.needs_posterior:
+        posterior = prior if recipe.posterior.shares_prior else build("posterior", "retriever", recipe.posterior)
+    run = Run(recipe, ctx, plugins, prior, posterior,
+              generator=build("generator", "generator", recipe.generator) if generator else None,
+              estimator=estimator,
+              observers=[build(spec.name, "observer", spec) for spec in recipe.observers],
+              train_set=train_set, eval_sets=eval_sets, candidates_config=recipe.candidates, sources=sources)
+    if train if engine is None else engine:
+        run.engine = build_engine(trainables(run), ds_config, recipe.train)
     seed_everything(recipe.train.seed * 1000 + rank)  # sampling differs across ranks, repeats across runs
     return run
 
 
-def _build(kind: str, spec, ctx: RunContext, plugins: Plugins) -> Component:
-    name, options = (spec, None) if isinstance(spec, str) else (spec.name, spec.options)
-    registered = plugins.component(kind, name)
-    component = registered.cls(options if options is not None else registered.cls.Options(), ctx)
-    if kind != "observer":
-        ctx.components[kind] = component
-    plugins.join(component, kind, name)
+def _role(ctx: Context, role: str) -> Context:
+    """The context a component of ``role`` is built with (the run's, with its role named)."""
+    return dataclasses.replace(ctx, role=role)
+
+
+def _build(registered: Registered, options: Any, ctx: Context) -> Any:
+    started = time.perf_counter()
+    try:
+        component = registered.cls(options, ctx)
+    except JsaragError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{ctx.role}, {registered.describe()}, failed to build: {type(exc).__name__}: {exc}") from exc
+    if tracing():
+        trace(f"built {ctx.role} {registered.describe()} in {time.perf_counter() - started:.1f} s")
     return component
 
 
-def _trainables(components: dict[str, Component]) -> dict[str, Trainable]:
-    found: dict[str, Trainable] = {}
-    for kind, component in components.items():
+def trainables(run: Run) -> dict[str, dict[str, Trainable]]:
+    """Every trainable module by role and name, checked: a module trained twice, a 0-dimensional parameter, a module
+    with nothing to train, or one off the run's device is a RecipeError naming the component and the parameter."""
+    found: dict[str, dict[str, Trainable]] = {}
+    owner: dict[int, str] = {}
+    for role, component in run.components().items():
+        who = f"{role}, {run.registered(component).describe()}"
         for name, trainable in component.trainable().items():
-            if name in found:
-                raise RecipeError(f"two components train a module named '{name}' (the second is the {kind})")
-            found[name] = trainable
+            if not name.isidentifier():
+                raise RecipeError(f"{who}: trainable module name {name!r} must be a plain name (letters, digits, _)")
+            if id(trainable.module) in owner:
+                raise RecipeError(f"{who}: module '{name}' is also trained as {owner[id(trainable.module)]}")
+            owner[id(trainable.module)] = f"{role}.{name}"
+            _check_parameters(who, name, trainable, run.ctx.device)
+            found.setdefault(role, {})[name] = trainable
     if not found:
         raise RecipeError("nothing to train: every component has learning rate 0")
     return found
 
 
+def _check_parameters(who: str, name: str, trainable: Trainable, device: torch.device) -> None:
+    """Refuse what DeepSpeed would fail on later, with a raw traceback."""
+    if not isinstance(trainable.module, torch.nn.Module):
+        raise RecipeError(f"{who}: trainable '{name}' is a {type(trainable.module).__name__}, not a torch.nn.Module")
+    params = list(trainable.module.named_parameters())
+    if not any(p.requires_grad for _, p in params):
+        raise RecipeError(f"{who}: module '{name}' is listed as trainable (lr {trainable.lr}) but none of its "
+                          "parameters requires grad; leave it out of trainable() or unfreeze it")
+    for param_name, param in params:
+        if param.requires_grad and param.dim() == 0:
+            raise RecipeError(f"{who}: parameter '{name}.{param_name}' is 0-dimensional, which DeepSpeed cannot "
+                              "broadcast or partition; give it shape (1,)")
+        partitioned = hasattr(param, "ds_id")  # ZeRO-3 placed it (DeepSpeed's own attribute)
+        if param.device.type != device.type and not partitioned:
+            raise RecipeError(f"{who}: parameter '{name}.{param_name}' is on {param.device}, the run on {device}; "
+                              f"move the module to ctx.device")
+
+
 def _examples(data_dir: Path, split: str, kb, recipe: Recipe) -> ExampleSet:
     return load_examples(split_path(data_dir, split), kb, drop_unanswerable=recipe.data.drop_unanswerable,
                          on_error=recipe.data.on_error)
+
+
+__all__ = ["Run", "build_run", "seed_everything", "trainables"]

@@ -53,37 +53,73 @@ def tiny_recipe_dict(data_dir: Path, output_dir: Path, estimator: str = "rag") -
     return {
         "output_dir": str(output_dir),
         "data": {"dir": str(data_dir), "max_history_turns": 1},
-        "retriever": {"name": "dense", "model": "jsarag/tiny-bert", "top_k": 4, "lr": 1e-3, "max_length": 64},
+        "retriever": {"name": "dense", "model": "jsarag/tiny-bert", "lr": 1e-3, "max_length": 64},
+        "candidates": {"prior_top_k": 4, "posterior_top_k": 4},
         "index": {"name": "faiss"},
         "generator": {"name": "causal_lm", "model": "jsarag/tiny-gpt2", "lr": 3e-3, "max_passage_tokens": 48,
                       "max_prompt_tokens": 96, "max_answer_tokens": 24, "max_new_tokens": 8},
         "estimator": {"name": estimator},
         "observers": ["jsonl_log"],
-        "train": {"max_steps": 6, "batch_size": 2, "seed": 0, "schedule": "constant", "log_every": 1},
+        "train": {"max_steps": 6, "batch_size": 2, "seed": 0, "schedule": "constant"},
         "eval": {"max_examples": 6, "batch_size": 4, "top_k": 10},
         "deepspeed": {"config": "zero0.json"},
     }
 
 
-@pytest.fixture
-def tiny_recipe(tiny_data, tmp_path):
-    """Write a tiny recipe (with nested overrides) and return its path."""
+def recipe_writer(data_dir: Path, folder: Path):
+    """``write(name, **sections)``: a tiny recipe in ``folder`` (output_dir ``folder/run``) with sections changed."""
 
     def write(name: str = "recipe.yaml", **sections) -> Path:
-        recipe = tiny_recipe_dict(tiny_data, tmp_path / "run")
+        recipe = tiny_recipe_dict(data_dir, folder / "run")
         for key, value in sections.items():
-            renamed = isinstance(value, dict) and value.get("name", recipe[key].get("name")) != recipe[key].get("name")
-            recipe[key] = {**recipe[key], **value} if isinstance(value, dict) and not renamed else value
-        path = tmp_path / name
+            old = recipe.get(key)
+            if isinstance(value, dict) and isinstance(old, dict) and value.get("name", old.get("name")) == old.get("name"):
+                value = {**old, **value}  # the same section with some keys changed (a new name starts afresh)
+            recipe[key] = value
+        path = folder / name
         path.write_text(yaml.safe_dump(recipe))
         return path
 
     return write
 
 
-def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+@pytest.fixture
+def tiny_recipe(tiny_data, tmp_path):
+    """Write a tiny recipe (with nested overrides) and return its path."""
+    return recipe_writer(tiny_data, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe_module(tiny_data, tmp_path_factory):
+    """``tiny_recipe`` for module-scoped fixtures (one folder per module)."""
+    return recipe_writer(tiny_data, tmp_path_factory.mktemp("recipes"))
+
+
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
+
+
+def recipe_context(recipe, cache_dir: Path, role: str = "prior"):
+    """The context a component of ``role`` gets in a one-process run of ``recipe`` (built without the run)."""
+    import torch
+
+    from jsarag.api import Context
+    from jsarag.kb import load_kb
+    from jsarag.plugins import Plugins
+
+    ctx = Context(role=role, kb=load_kb(Path(recipe.data.dir) / "passages.jsonl"), output_dir=recipe.output_dir,
+                  cache_dir=cache_dir, device=torch.device("cpu"), history_turns=recipe.data.max_history_turns,
+                  recipe=recipe.resolved(), recipe_source=recipe.source)
+    index = Plugins().component("index", recipe.index.name).cls
+    ctx.new_index = lambda: index(recipe.index.options, ctx)
+    return ctx
+
+
+def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `jsarag ...` in a fresh process, or under `deepspeed --num_gpus N` when launcher_ranks > 0."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # a run in this process set them
+    env = {**inherited, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           **(env or {})}
     if launcher_ranks:
         command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(launcher_ranks),
                    "--master_port", str(_free_port()), "--module", "jsarag", *args]

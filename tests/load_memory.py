@@ -38,8 +38,8 @@ def recipe_dict(data_dir: Path | None, output_dir: Path, steps: int, checkpoint_
     return {
         "output_dir": str(output_dir),
         "data": {"dir": str(data_dir) if data_dir else None, "max_history_turns": 1},
-        "retriever": {"name": "dense", "model": "jsarag/tiny-bert", "top_k": 2, "lr": 1e-4 if full else 0,
-                      "max_length": 32},
+        "retriever": {"name": "dense", "model": "jsarag/tiny-bert", "lr": 1e-4 if full else 0, "max_length": 32},
+        "candidates": {"prior_top_k": 2},
         "index": {"name": "faiss"},
         "generator": {"name": "causal_lm", "model": "jsarag/tiny-gpt2", "lr": 1e-4, "max_passage_tokens": 16,
                       "max_prompt_tokens": 32, "max_answer_tokens": 8, "max_new_tokens": 2,
@@ -47,7 +47,7 @@ def recipe_dict(data_dir: Path | None, output_dir: Path, steps: int, checkpoint_
         "estimator": {"name": "rag"},
         "observers": ["jsonl_log"],
         "train": {"max_steps": steps, "batch_size": 1, "seed": 0, "schedule": "constant", "eval_every": 0,
-                  "checkpoint_every": checkpoint_every, "log_every": 1000},
+                  "checkpoint_every": checkpoint_every},
         "eval": {"max_examples": 2, "batch_size": 2},
         "deepspeed": {"config": "zero1.json"},
     }

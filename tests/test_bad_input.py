@@ -13,35 +13,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from conftest import read_log, run_cli, tiny_recipe_dict
-from jsarag.components import RunContext
-from jsarag.data import Example
+from conftest import read_log, recipe_context, run_cli, tiny_recipe_dict
+from jsarag.api import Batch, Context, Example
 from jsarag.errors import IndexMismatchError, ModelError, RecipeError
-from jsarag.kb import load_kb
 from jsarag.models import resolve_model
-from jsarag.passages import build_or_load, read_meta
+from jsarag.passages import index_dir, read_meta
 from jsarag.recipe import load_recipe
-from jsarag.types import Batch
 from jsarag_plugins.generators.causal_lm import CausalLM
-from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
 from jsarag_plugins.retrievers.bm25 import BM25Retriever
 from jsarag_plugins.retrievers.dense import DenseRetriever
 
 LONG_QUESTION = "how long should i knead a dough made of rye flour before the first rise " * 6
 
 
-def _ctx(recipe, tmp_path: Path) -> RunContext:
-    kb = load_kb((recipe.data.dir) / "passages.jsonl")
-    return RunContext(recipe=recipe, kb=kb, output_dir=recipe.output_dir, cache_dir=tmp_path / "cache",
-                      device=torch.device("cpu"))
+def _ctx(recipe, tmp_path: Path, role: str = "prior") -> Context:
+    return recipe_context(recipe, tmp_path / "cache", role)
 
 
 def _generator(tiny_recipe, tmp_path: Path, **options) -> CausalLM:
     recipe = load_recipe(tiny_recipe(generator=options))
-    return CausalLM(recipe.generator.options, _ctx(recipe, tmp_path))
+    return CausalLM(recipe.generator.options, _ctx(recipe, tmp_path, "generator"))
 
 
 def _tokenizer_without(tmp_path: Path, *tokens: str) -> Path:
@@ -89,11 +82,11 @@ def test_truncated_passages_queries_and_answers_are_counted_in_metrics_and_repor
     counters = json.loads((hostile_run / "metrics.json").read_text())["counters"]
     assert counters["generator"]["passages_truncated"] > 0
     assert counters["generator"]["answers_truncated"] > 0
-    assert counters["retriever"]["queries_truncated"] > 0
+    assert counters["prior"]["queries_truncated"] > 0
     report = (hostile_run / "report.md").read_text()
     setup = report[report.index("## Setup"):]
     assert f"passages truncated {counters['generator']['passages_truncated']}" in setup
-    assert f"queries truncated {counters['retriever']['queries_truncated']}" in setup
+    assert f"queries truncated {counters['prior']['queries_truncated']}" in setup
 
 
 def test_skipped_lines_are_counted_in_metrics(hostile_run):
@@ -186,8 +179,7 @@ def test_a_retriever_folder_with_code_is_refused_without_trust_remote_code(tiny_
     folder = _model_with_code(tmp_path, "jsarag/tiny-bert", marker)
     recipe = load_recipe(tiny_recipe(retriever={"model": str(folder)}))
     ctx = _ctx(recipe, tmp_path)
-    ctx.components["index"] = FaissIndex(recipe.index.options, ctx)
-    with pytest.raises(ModelError, match=r"retriever\.model .* ships Python code .* retriever\.trust_remote_code"):
+    with pytest.raises(ModelError, match=r"prior\.model .* ships Python code .* prior\.trust_remote_code"):
         DenseRetriever(recipe.retriever.options, ctx)
     assert not marker.exists()
 
@@ -216,8 +208,8 @@ def test_a_bm25_dir_that_climbs_out_is_refused(tiny_recipe):
 def test_relative_cache_dirs_resolve_under_output_dir_and_absolute_ones_stay(tiny_recipe, tmp_path):
     recipe = load_recipe(tiny_recipe(), ["index.dir=indexes"])
     ctx = _ctx(recipe, tmp_path)
-    assert FaissIndex(recipe.index.options, ctx).folder == recipe.output_dir / "indexes"
-    assert FaissIndex(FaissOptions(dir=str(tmp_path / "elsewhere")), ctx).folder == tmp_path / "elsewhere"
+    assert index_dir(recipe.index.options.dir, ctx) == recipe.output_dir / "indexes"
+    assert index_dir(tmp_path / "elsewhere", ctx) == tmp_path / "elsewhere"
     bm25 = load_recipe(tiny_recipe(retriever={"name": "bm25", "dir": "bm25"}))
     BM25Retriever(bm25.retriever.options, _ctx(bm25, tmp_path))
     assert list((bm25.output_dir / "bm25").glob("*/params.index.json"))
@@ -238,39 +230,35 @@ def _hashed(texts: list[str]) -> np.ndarray:
 def built_index(tiny_recipe, tmp_path):
     """A flat index of the tiny KB built into <output_dir>/indexes; returns (ctx, its folder)."""
     recipe = load_recipe(tiny_recipe(), ["index.dir=indexes"])
-    ctx = _ctx(recipe, tmp_path)
-    index = FaissIndex(recipe.index.options, ctx)
-    build_or_load(ctx, index, index.folder, "hashed", _hashed, batch_size=8)
-    return ctx, index.loaded_from
+    built = _ctx(recipe, tmp_path).passage_index("hashed", _hashed, batch_size=8)
+    return recipe, built.folder
 
 
-def _load_again(ctx: RunContext):
-    index = FaissIndex(ctx.recipe.index.options, ctx)
-    return build_or_load(ctx, index, index.folder, "hashed", _hashed, batch_size=8)
+def _load_again(recipe, tmp_path: Path):
+    """Load the index as another run would (a fresh context: nothing loaded yet)."""
+    return _ctx(recipe, tmp_path).passage_index("hashed", _hashed, batch_size=8)
 
 
-def test_a_corrupt_meta_json_is_an_index_mismatch(built_index):
-    ctx, folder = built_index
+def test_a_corrupt_meta_json_is_an_index_mismatch(built_index, tmp_path):
+    recipe, folder = built_index
     (folder / "meta.json").write_text('{"kb": "trunc')
     with pytest.raises(IndexMismatchError, match=rf"{folder}/meta.json is corrupt .* delete the folder"):
-        _load_again(ctx)
+        _load_again(recipe, tmp_path)
 
 
-def test_a_missing_vectors_file_is_an_index_mismatch(built_index):
-    ctx, folder = built_index
+def test_a_missing_vectors_file_is_an_index_mismatch(built_index, tmp_path):
+    recipe, folder = built_index
     (folder / "vectors.npy").unlink()
     with pytest.raises(IndexMismatchError, match=rf"{folder}: no vectors.npy .* delete the folder"):
-        _load_again(ctx)
+        _load_again(recipe, tmp_path)
 
 
 def test_an_index_live_folder_of_another_passage_encoder_is_refused(tiny_recipe, tmp_path):
     recipe = load_recipe(tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3}))
-    ctx = _ctx(recipe, tmp_path)
-    ctx.components["index"] = FaissIndex(recipe.index.options, ctx)
-    retriever = DenseRetriever(recipe.retriever.options, ctx)
-    retriever.refresh(step=2)  # writes <output_dir>/index-live for this encoder
-    meta = read_meta(retriever.live_folder)
-    (retriever.live_folder / "meta.json").write_text(json.dumps({**meta, "encoder": "another:64+trained"}))
-    ctx.components["index"] = FaissIndex(recipe.index.options, ctx)
-    with pytest.raises(IndexMismatchError, match="index-live: index built for another encoder"):
-        DenseRetriever(recipe.retriever.options, ctx)
+    retriever = DenseRetriever(recipe.retriever.options, _ctx(recipe, tmp_path))
+    retriever.refresh(step=2)  # writes <output_dir>/index-live/prior for this encoder
+    live = retriever.passages.folder
+    meta = read_meta(live)
+    (live / "meta.json").write_text(json.dumps({**meta, "encoder": "another:64+trained"}))
+    with pytest.raises(IndexMismatchError, match="index-live/prior: index built for another encoder"):
+        DenseRetriever(recipe.retriever.options, _ctx(recipe, tmp_path))

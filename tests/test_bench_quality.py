@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import read_log, run_cli, tiny_recipe_dict
-from jsarag.bench_quality import _table, check_labels, check_owned, parse_datasets, parse_seeds, spread
 from jsarag.errors import DataError, RecipeError
+from jsarag.tools.bench_quality import _table, check_labels, check_owned, parse_datasets, parse_seeds, spread
 
 ESTIMATORS, SEEDS = ("rag", "jsa"), (0, 1)
 OVERRIDES = ("train.max_steps=2", "eval.max_examples=4")
@@ -21,7 +21,7 @@ OVERRIDES = ("train.max_steps=2", "eval.max_examples=4")
 def bench_recipe(tiny_data, tmp_path) -> Path:
     """The tiny recipe with a posterior retriever (for jsa), as a YAML file."""
     recipe = tiny_recipe_dict(tiny_data, tmp_path / "unused")
-    recipe["retriever"].update(posterior_top_k=4, posterior_lr=1e-3)
+    recipe["posterior"] = {"lr": 1e-3}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

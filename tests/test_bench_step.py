@@ -8,18 +8,16 @@ import math
 import torch
 
 from conftest import run_cli
-from jsarag.components import RunContext
-from jsarag.data import Example
+from jsarag.api import Batch, Candidates, Context, Example, Scores
 from jsarag.kb import KnowledgeBase
-from jsarag.types import Batch, Candidates, Scores
 from jsarag_plugins.estimators.supervised import Supervised, SupervisedOptions
 
 
 def test_step_cost_reports_every_estimator_with_ratios(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(retriever={"posterior_top_k": 4, "posterior_lr": 1e-3}, estimator={"name": "jsa"})
+    recipe = tiny_recipe(posterior={"lr": 1e-3}, estimator={"name": "jsa"})
     out = tmp_path / "cost.json"
     done = run_cli("bench", "step-cost", "--config", str(recipe), "--rounds", "2", "--warmup", "1", "--out", str(out),
-                   "retriever.top_k=4", "retriever.posterior_top_k=4", "vrag.top_k=4", "jsa.proposals=12")
+                   "candidates.prior_top_k=4", "candidates.posterior_top_k=4", "vrag.top_k=4", "jsa.proposals=12")
     report = json.loads(out.read_text())
     rows = report["estimators"]
     assert list(rows) == ["jsa", "jsa_single", "rag", "vrag", "floor"]
@@ -40,16 +38,16 @@ def _kb() -> KnowledgeBase:
 
 def test_supervised_loss_is_the_gold_passage_nll_plus_its_prior_term(tmp_path):
     kb = _kb()
-    ctx = RunContext(recipe=None, kb=kb, output_dir=tmp_path, cache_dir=tmp_path, device=torch.device("cpu"))
+    ctx = Context(role="estimator", kb=kb, output_dir=tmp_path, cache_dir=tmp_path, device=torch.device("cpu"))
     estimator = Supervised(SupervisedOptions(retriever_weight=0.5), ctx)
     examples = [Example("e0", (), "q", "y", ("y",), ("c",)), Example("e1", (), "q", "y", ("y",), ())]
     batch = Batch(examples=examples, positions=[0, 1])
-    assert estimator.extra_candidates(batch) == [[2], []]
+    assert estimator.extra_rows(batch) == [[2], []]
     prior = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]])
     candidates = Candidates(rows=torch.tensor([[0, 1, 2], [0, 1, -1]]), prior_logits=prior.log())
     request = estimator.sample(batch, candidates)
     assert request.example.tolist() == [0] and request.slot.tolist() == [2]  # example 1 has no gold passage
     scores = Scores(token_logprobs=torch.tensor([[math.log(0.25)]]), token_mask=torch.ones(1, 1, dtype=torch.bool))
-    result = estimator.update(batch, candidates, request, scores)
+    result = estimator.update(batch, candidates, request, scores, rescore=None)
     assert math.isclose(result.loss.item(), -(math.log(0.25) + 0.5 * math.log(0.2)), rel_tol=1e-5)
     assert result.stats["with_gold"] == 0.5

@@ -30,9 +30,8 @@ from jsarag import checkpoint
 from jsarag.engine import CHECKPOINT_GLOBALS
 from jsarag.errors import TrainingError
 
-POSTERIOR = {"posterior_top_k": 4, "posterior_lr": 1e-3}
 # JSA with its cache, 2 ranks x 4 examples: 6 steps an epoch, so steps 7-8 start their chains from the cache
-JSA_ZERO2 = {"estimator": {"name": "jsa", "proposals": 8, "cache": True}, "retriever": POSTERIOR,
+JSA_ZERO2 = {"estimator": {"name": "jsa", "proposals": 8, "cache": True}, "posterior": {"lr": 1e-3},
              "train": {"max_steps": 8, "batch_size": 4, "eval_every": 4, "checkpoint_every": 2},
              "eval": {"max_examples": 4}, "deepspeed": {"config": "zero2.json"}}
 # ZeRO-0: rank 0 alone writes the model and optimizer states (MiBs), rank 1 only its loop state (KiBs)

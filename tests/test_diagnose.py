@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from jsarag.diagnose import Moments, group_summary, parse_estimators, split_overrides
 from jsarag.errors import RecipeError
+from jsarag.tools.diagnose import Moments, group_summary, parse_estimators, split_overrides
 
 GROUPS = {"generator", "prior", "posterior"}
 SMALL_PROMPTS = ["generator.max_passage_tokens=24", "generator.max_prompt_tokens=48", "generator.max_answer_tokens=12",
@@ -56,7 +56,7 @@ def report(sharp_generator, tiny_data, tmp_path_factory):
     out = folder / "grad_variance.json"
     done = run_cli("diagnose", "grad-variance", "--config", str(recipe), "--estimators",
                    "rag,vrag,vrag_mc:vrag,jsa,exact", "--draws", "8", "--out", str(out),
-                   f"generator.model={sharp_generator}", *SMALL_PROMPTS, "retriever.posterior_top_k=24",
+                   f"generator.model={sharp_generator}", *SMALL_PROMPTS, "candidates.posterior_top_k=24",
                    "jsa.proposals=400", "vrag_mc.samples=4")
     return json.loads(out.read_text()), done.stdout
 
@@ -148,7 +148,7 @@ def test_moments_match_torch():
 
 def test_grad_variance_at_every_checkpoint_of_a_run(tiny_recipe, tmp_path):
     recipe = tiny_recipe(estimator={"name": "jsa", "proposals": 8},
-                         retriever={"posterior_top_k": 4, "posterior_lr": 1e-3},
+                         posterior={"lr": 1e-3},
                          train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 5})
     run_cli("train", "--config", str(recipe))
     out = tmp_path / "sweep.json"

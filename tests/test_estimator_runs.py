@@ -10,7 +10,7 @@ import torch
 from conftest import read_log, run_cli
 
 ZERO3 = {"config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
-POSTERIOR = {"posterior_top_k": 4, "posterior_lr": 1e-3}
+POSTERIOR = {"lr": 1e-3}  # the posterior: a copy of the prior, with its own learning rate
 
 
 def _checkpoint(output_dir, step: int):
@@ -22,7 +22,7 @@ def _checkpoint(output_dir, step: int):
 
 def test_resumed_jsa_run_with_cache_equals_uninterrupted(tiny_recipe, tmp_path):
     # 48 examples / batch 4 = 12 steps an epoch: steps 13-16 start their chains from the cache
-    common = dict(estimator={"name": "jsa", "proposals": 8, "cache": True}, retriever=POSTERIOR,
+    common = dict(estimator={"name": "jsa", "proposals": 8, "cache": True}, posterior=POSTERIOR,
                   train={"max_steps": 16, "batch_size": 4}, eval={"max_examples": 4})
     straight = tiny_recipe("straight.yaml", output_dir=str(tmp_path / "straight"), **common)
     resumed = tiny_recipe("resumed.yaml", output_dir=str(tmp_path / "resumed"), **common)
@@ -49,16 +49,16 @@ ONE_PAIR_PER_FORWARD = {"score_batch_tokens": 64}
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("estimator,retriever,deepspeed,generator", [
-    ({"name": "jsa", "proposals": 8}, POSTERIOR, ZERO3, ONE_PAIR_PER_FORWARD),
-    ({"name": "vrag", "top_k": 4}, POSTERIOR, {"config": "zero2.json"}, {}),
-    ({"name": "vrag", "top_k": 4, "samples": 3}, POSTERIOR, {"config": "zero1.json"}, {}),
+@pytest.mark.parametrize("estimator,candidates,deepspeed,generator", [
+    ({"name": "jsa", "proposals": 8}, {}, ZERO3, ONE_PAIR_PER_FORWARD),
+    ({"name": "vrag", "top_k": 4}, {}, {"config": "zero2.json"}, {}),
+    ({"name": "vrag", "top_k": 4, "samples": 3}, {}, {"config": "zero1.json"}, {}),
     ({"name": "rag_token"}, {}, {"config": "zero0.json"}, {}),
-    ({"name": "exact"}, {"candidates": "all", **POSTERIOR}, ZERO3, {}),
+    ({"name": "exact"}, {"mode": "all"}, ZERO3, {}),
 ], ids=["jsa-zero3-uneven-forwards", "vrag-zero2", "vrag_mc-zero1", "rag_token-zero0", "exact-zero3"])
-def test_estimator_trains_on_two_ranks(tiny_recipe, tmp_path, estimator, retriever, deepspeed, generator):
-    recipe = tiny_recipe(estimator=estimator, retriever=retriever, deepspeed=deepspeed, generator=generator,
-                         train={"max_steps": 4}, eval={"max_examples": 4})
+def test_estimator_trains_on_two_ranks(tiny_recipe, tmp_path, estimator, candidates, deepspeed, generator):
+    recipe = tiny_recipe(estimator=estimator, posterior=POSTERIOR, candidates=candidates, deepspeed=deepspeed,
+                         generator=generator, train={"max_steps": 4}, eval={"max_examples": 4})
     run_cli("train", "--config", str(recipe), launcher_ranks=2, timeout=300)
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2, 3, 4]

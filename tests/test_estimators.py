@@ -10,8 +10,7 @@ import math
 import pytest
 import torch
 
-from jsarag.plugins import Plugins
-from jsarag.types import Batch, Candidates, ScoreRequest, Scores
+from jsarag.api import Batch, Candidates, ScoreRequest, Scores
 from jsarag_plugins.estimators.exact import Exact, ExactOptions
 from jsarag_plugins.estimators.jsa import Jsa, JsaOptions, run_chain
 from jsarag_plugins.estimators.rag import Rag, RagOptions
@@ -41,12 +40,9 @@ class Problem:
         return Scores(token_logprobs=values.unsqueeze(-1), token_mask=torch.ones(len(values), 1, dtype=torch.bool))
 
     def step(self, estimator):
-        """sample -> score -> update through the hooks, as the loop calls them."""
-        plugins = Plugins(load_entry_points=False)
-        plugins.add(estimator, "estimator:under-test")
-        request = plugins.call("sample", batch=self.batch, candidates=self.candidates)
-        return plugins.call("update", batch=self.batch, candidates=self.candidates, request=request,
-                            scores=self.scores(request), rescore=self.scores)
+        """sample -> score -> update, as the loop calls them."""
+        request = estimator.sample(self.batch, self.candidates)
+        return estimator.update(self.batch, self.candidates, request, self.scores(request), rescore=self.scores)
 
 
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -58,7 +54,7 @@ def test_chain_with_cache_converges_to_the_true_posterior():
     jsa = Jsa(JsaOptions(proposals=5, cache=True, use="last"), ctx=None)
     problem, visits = Problem(batch=64), torch.zeros(K)
     for _ in range(150):  # each step continues every example's chain from its cached state
-        jsa.extra_candidates(problem.batch)
+        jsa.extra_rows(problem.batch)
         problem.step(jsa)
         visits += torch.bincount(torch.tensor(list(jsa.cache.values())), minlength=K)
     # 9,600 correlated draws; the sampler mixes in a few moves, so TV stays well under 0.03 with seed 0
@@ -146,7 +142,7 @@ def test_vrag_monte_carlo_is_unbiased_for_the_exact_elbo_gradient():
     Vrag(VragOptions(top_k=K), ctx=None).update(
         batch=exact_problem.batch, candidates=exact_problem.candidates,
         request=ScoreRequest.all_slots(exact_problem.candidates), scores=exact_problem.scores(
-            ScoreRequest.all_slots(exact_problem.candidates))).loss.backward()
+            ScoreRequest.all_slots(exact_problem.candidates)), rescore=exact_problem.scores).loss.backward()
     problem = Problem(batch=4000)
     problem.step(Vrag(VragOptions(top_k=K, samples=4), ctx=None)).loss.backward()
     mc_grad = problem.posterior_logits.grad.sum(0)  # the loss is a mean over the 4000 examples
@@ -165,7 +161,8 @@ def test_rag_token_marginalises_each_token():
     two = torch.stack([LIKELIHOOD.log(), LIKELIHOOD.flip(0).log()], dim=-1)  # (K, 2) per-token log-probs
     request = ScoreRequest.all_slots(problem.candidates)
     scores = Scores(token_logprobs=two, token_mask=torch.ones(K, 2, dtype=torch.bool))
-    loss = RagToken(RagToken.Options(), ctx=None).update(problem.batch, problem.candidates, request, scores).loss
+    loss = RagToken(RagToken.Options(), ctx=None).update(problem.batch, problem.candidates, request, scores,
+                                                         rescore=problem.scores).loss
     expected = -(math.log(float((PRIOR * LIKELIHOOD).sum())) + math.log(float((PRIOR * LIKELIHOOD.flip(0)).sum())))
     assert math.isclose(loss.item(), expected, rel_tol=1e-6)
 
@@ -177,7 +174,7 @@ def test_jsa_cache_round_trips_through_state_dict():
     restored = Jsa(JsaOptions(proposals=5), ctx=None)
     restored.load_state_dict(jsa.state_dict())
     assert restored.cache == jsa.cache and len(jsa.cache) == 6
-    assert restored.extra_candidates(Batch([None] * 2, [0, 99])) == [[jsa.cache[0]], []]
+    assert restored.extra_rows(Batch([None] * 2, [0, 99])) == [[jsa.cache[0]], []]
 
 
 def test_jsa_keeps_the_cached_state_of_an_example_whose_loss_is_not_finite():

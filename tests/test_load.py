@@ -4,7 +4,6 @@ are printed (pytest -s) and written to <output_dir>/memory.json; tests/load_memo
 from __future__ import annotations
 
 import pytest
-
 from load_memory import measure, table
 
 STEPS, CHECKPOINT_EVERY = 2500, 200

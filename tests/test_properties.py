@@ -144,7 +144,8 @@ def test_any_examples_file_loads_or_is_a_data_error(kb, content: bytes, form: st
 # Recipes
 
 RECIPE_KEYS = ["output_dir", "resume", "data", "data.dir", "data.on_error", "data.eval_splits", "data.train_split",
-               "retriever", "retriever.name", "retriever.top_k", "retriever.temperature", "retriever.dir",
+               "retriever", "retriever.name", "candidates.prior_top_k", "retriever.temperature", "retriever.dir",
+               "posterior", "posterior.lr", "candidates.mode",
                "index", "index.name", "index.dir", "index.type", "generator", "generator.lora", "generator.lr",
                "generator.max_prompt_tokens", "estimator", "estimator.name", "observers", "train", "train.max_steps",
                "train.betas", "train.grad_clip", "eval.top_k", "deepspeed", "deepspeed.overrides", "extends", "source"]

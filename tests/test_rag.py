@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from jsarag.types import Candidates, ScoreRequest, Scores
+from jsarag.api import Candidates, ScoreRequest, Scores
 from jsarag_plugins.estimators.rag import Rag, RagOptions
 
 PRIOR = [0.5, 0.3, 0.2]  # p̃(h|x) over 3 passages
@@ -23,14 +23,14 @@ def _inputs():
 
 def test_loss_equals_hand_computed_value():
     candidates, request, scores, _, _ = _inputs()
-    result = Rag(RagOptions(), ctx=None).update(batch=None, candidates=candidates, request=request, scores=scores)
+    result = Rag(RagOptions(), ctx=None).update(batch=None, candidates=candidates, request=request, scores=scores, rescore=None)
     # p(y|x) = 0.5*0.1 + 0.3*0.4 + 0.2*0.2 = 0.21
     assert math.isclose(result.loss.item(), -math.log(0.21), rel_tol=1e-6)
 
 
 def test_gradient_matches_autograd_of_the_exact_formula():
     candidates, request, scores, prior_logits, loglik = _inputs()
-    Rag(RagOptions(), ctx=None).update(batch=None, candidates=candidates, request=request, scores=scores).loss.backward()
+    Rag(RagOptions(), ctx=None).update(batch=None, candidates=candidates, request=request, scores=scores, rescore=None).loss.backward()
 
     ref_logits = prior_logits.detach().clone().requires_grad_()
     ref_loglik = loglik.detach().clone().requires_grad_()
@@ -48,7 +48,7 @@ def test_mean_likelihood_divides_by_answer_length():
     candidates, request, _, _, _ = _inputs()
     two_tokens = torch.tensor([LIKELIHOOD, LIKELIHOOD]).T.log()  # (3, 2): each answer twice as long
     scores = Scores(token_logprobs=two_tokens, token_mask=torch.ones(3, 2, dtype=torch.bool))
-    mean = Rag(RagOptions(likelihood="mean"), ctx=None).update(None, candidates, request, scores).loss
-    total = Rag(RagOptions(likelihood="sum"), ctx=None).update(None, candidates, request, scores).loss
+    mean = Rag(RagOptions(likelihood="mean"), ctx=None).update(None, candidates, request, scores, None).loss
+    total = Rag(RagOptions(likelihood="sum"), ctx=None).update(None, candidates, request, scores, None).loss
     assert math.isclose(mean.item(), -math.log(0.21), rel_tol=1e-6)
     assert total.item() > mean.item()

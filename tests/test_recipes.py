@@ -51,8 +51,8 @@ def test_unknown_key_names_key_file_line_and_close_match(tiny_recipe):
 
 
 def test_unknown_plugin_option_names_the_plugin_schema(tiny_recipe):
-    with pytest.raises(RecipeError, match=r"retriever\.top_kk: unknown key; did you mean 'retriever\.top_k'"):
-        load_recipe(tiny_recipe(retriever={"top_kk": 3}))
+    with pytest.raises(RecipeError, match=r"retriever\.max_lenght: unknown key; did you mean 'retriever\.max_length'"):
+        load_recipe(tiny_recipe(retriever={"max_lenght": 3}))
 
 
 def test_wrong_type_names_key_and_value(tiny_recipe):
@@ -141,8 +141,8 @@ BAD_FILES = {  # name: (recipe text or bytes, message)
     "an alias bomb": ("extends: base.yaml\ndeepspeed:\n  overrides:\n" + "".join(
         f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9 if i else ['x'] * 9)}]\n" for i in range(10)),
         "more than 100000 values"),
-    "observers as a number": ("extends: base.yaml\nobservers: 7\n", r"observers: Input should be a valid list, got 7"),
-    "observers as a string": ("extends: base.yaml\nobservers: progress\n", r"observers: .*valid list, got 'progress'"),
+    "observers as a number": ("extends: base.yaml\nobservers: 7\n", r"observers: a list of observer names or \{name: ...\} mappings, got 7"),
+    "observers as a string": ("extends: base.yaml\nobservers: progress\n", r"observers: a list of observer names .* got 'progress'"),
     "a date": ("extends: base.yaml\noutput_dir: 2024-01-01\n", r"output_dir: Input is not a valid path"),
 }
 
@@ -159,8 +159,8 @@ def test_bad_recipe_files_are_recipe_errors(tmp_path, case):
 
 
 BAD_OVERRIDES = {  # override: message; values are taken strictly as YAML wrote them
-    "observers=5": r"observers: Input should be a valid list, got 5",
-    "observers=true": r"observers: Input should be a valid list, got True",
+    "observers=5": r"observers: a list of observer names .* got 5",
+    "observers=true": r"observers: a list of observer names .* got True",
     "train.max_steps='100'": r"train\.max_steps: Input should be a valid integer, got '100'",
     "train.max_steps=true": r"train\.max_steps: Input should be a valid integer, got True",
     "train.batch_size=2.0": r"train\.batch_size: Input should be a valid integer, got 2\.0",
@@ -195,3 +195,16 @@ def test_yaml_anchors_and_merge_keys_still_work(tiny_recipe, tmp_path):
                              "  batch_size: 2\n", "child.yaml")
     recipe = load_recipe(child)
     assert (recipe.train.max_steps, recipe.eval.max_examples, recipe.eval.batch_size) == (9, 3, 2)
+
+
+def test_a_packaged_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("tiny_rag")
+    assert recipe.estimator.name == "rag" and recipe.output_dir == Path("runs/tiny_rag")
+    assert load_recipe("dialog_rag.yaml").estimator.name == "rag"  # extends dialog_jsa.yaml beside it
+    with pytest.raises(RecipeError, match=r"recipe file not found: tiny_rgb \(nor is 'tiny_rgb' a packaged recipe: "
+                                          r"dialog_jsa, dialog_rag, .*tiny_rag\)"):
+        load_recipe("tiny_rgb")
+    (tmp_path / "tiny_rag.yaml").write_text("extends: nothing.yaml\n")  # a file of that name here comes first
+    with pytest.raises(RecipeError, match=r"nothing.yaml"):
+        load_recipe("tiny_rag.yaml")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from jsarag.compare import compare
-from jsarag.components import RunContext
+from jsarag.api import Context
 from jsarag.errors import JsaragError
 from jsarag.plugins import Plugins
 from jsarag.recipe import load_recipe
+from jsarag.tools.compare import compare
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SAMPLE = {"id": "ex-1", "question": "How long do I boil an egg?", "answer": "about ten minutes",
@@ -35,18 +35,18 @@ def _assert_png(path: Path) -> None:
 def _observe_fake_run(recipe_path: Path, output_dir: Path) -> None:
     """Feed a fake training (8 JSA-like steps, three evaluations) through the report observer's hooks."""
     recipe = load_recipe(recipe_path)
-    ctx = RunContext(recipe=recipe, kb=None, output_dir=output_dir, cache_dir=output_dir, device=torch.device("cpu"))
-    plugins = Plugins()
-    report = plugins.component("observer", "report").cls
-    plugins.join(report(report.Options(), ctx), "observer", "report")
+    ctx = Context(role="report", kb=None, output_dir=output_dir, cache_dir=output_dir, device=torch.device("cpu"),
+                  recipe=recipe.resolved(), recipe_source=recipe.source)
+    cls = Plugins().component("observer", "report").cls
+    report = cls(cls.Options(), ctx)
     history = _history()
-    plugins.call("on_train_start", config=recipe, start_step=0, max_steps=8)
+    report.on_train_start(start_step=0, max_steps=8)
     for step in range(1, 9):
-        plugins.call("on_step_end", step=step, loss=5.0 / step, stats={"acceptance": 0.1 * step, "ess": 2.0})
+        report.on_step_end(step=step, loss=5.0 / step, stats={"acceptance": 0.1 * step, "ess": 2.0})
         record = next((r for r in history if r["step"] == step), None)
         if record:
-            plugins.call("on_eval_end", step=step, split="dev", metrics=record["dev"], samples=[SAMPLE])
-    plugins.call("on_train_end", step=8, metrics={"final": {"dev": history[-1]["dev"]}, "history": history})
+            report.on_eval_end(step=step, split="dev", metrics=record["dev"], samples=[SAMPLE])
+    report.on_train_end(step=8, metrics={"final": {"dev": history[-1]["dev"]}, "history": history})
 
 
 def test_report_observer_writes_markdown_and_plots(tiny_recipe, tmp_path):

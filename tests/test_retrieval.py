@@ -8,23 +8,23 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import faiss
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli, _free_port
-from jsarag.components import RunContext
-from jsarag.data import Example, load_examples, render_query, split_path
+from conftest import REPO, _free_port, run_cli
+from jsarag.api import Batch, Context, Example
+from jsarag.candidates import candidate_set, ranked
+from jsarag.data import load_examples, render_query, split_path
 from jsarag.errors import IndexMismatchError, RecipeError
 from jsarag.kb import load_kb
-from jsarag.passages import (build_or_load, cached_folders, index_dir, last_refresh, parse_refresh, read_meta,
-                             refresh_due)
-from jsarag.types import Batch
+from jsarag.passages import cached_folders, index_dir, read_meta
+from jsarag.recipe import CandidatesConfig
 from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
 from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
+from jsarag_plugins.retrievers.dense import last_refresh, parse_refresh, refresh_due
 from torch_exact_shards import FakeKB, hashed_vectors, query_vectors
 
 
@@ -37,9 +37,12 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(before)
 
 
-def _ctx(tmp_path: Path, kb=None, recipe=None) -> RunContext:
-    return RunContext(recipe=recipe, kb=kb, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
-                      device=torch.device("cpu"))
+def _ctx(tmp_path: Path, kb=None, index: FaissOptions | None = None) -> Context:
+    """The context of a prior retriever whose recipe's index is ``faiss`` with ``index`` options."""
+    ctx = Context(role="prior", kb=kb, output_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
+                  device=torch.device("cpu"), history_turns=0)
+    ctx.new_index = lambda: FaissIndex(index or FaissOptions(), ctx)
+    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -100,26 +103,26 @@ def test_search_knobs_are_not_part_of_the_cache_key(tmp_path):
 
 def test_fingerprint_mismatch_is_detected(tiny_data, tmp_path):
     kb = load_kb(tiny_data / "passages.jsonl")
-    ctx = _ctx(tmp_path, kb)
-    index = FaissIndex(FaissOptions(dir=tmp_path / "indexes"), ctx)
-    vectors = build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
-    built = index.loaded_from
+    options = FaissOptions(dir=tmp_path / "indexes")
+    ctx = _ctx(tmp_path, kb, options)
+    built = ctx.passage_index("hashed-v1", hashed_vectors, batch_size=5)
+    vectors = built.vectors
     assert vectors.shape == (len(kb), 16) and isinstance(vectors, np.memmap)
-    meta = read_meta(built)
+    meta = read_meta(built.folder)
     assert meta["kb"] == kb.fingerprint and meta["encoder"] == "hashed-v1" and meta["index"] == "faiss:flat"
     np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-6)
+    assert ctx.passage_index("hashed-v1", hashed_vectors, batch_size=5) is built  # one load per run
 
-    build_or_load(ctx, FaissIndex(FaissOptions(dir=tmp_path / "indexes"), ctx), index.folder, "hashed-v2",
-                  hashed_vectors, batch_size=5)
-    assert len(cached_folders(index.folder)) == 2  # another encoder: another folder, a rebuild
+    ctx.passage_index("hashed-v2", hashed_vectors, batch_size=5)
+    assert len(cached_folders(tmp_path / "indexes")) == 2  # another encoder: another folder, a rebuild
 
-    (built / "meta.json").write_text(json.dumps({**meta, "kb": "0" * 64}))  # e.g. a folder copied from elsewhere
+    (built.folder / "meta.json").write_text(json.dumps({**meta, "kb": "0" * 64}))  # e.g. copied from elsewhere
     with pytest.raises(IndexMismatchError, match="index built for another kb"):
-        build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
-    (built / "meta.json").write_text(json.dumps(meta))
-    np.save(built / "vectors.npy", np.zeros((3, 16), np.float32))
+        _ctx(tmp_path, kb, options).passage_index("hashed-v1", hashed_vectors, batch_size=5)  # another run
+    (built.folder / "meta.json").write_text(json.dumps(meta))
+    np.save(built.folder / "vectors.npy", np.zeros((3, 16), np.float32))
     with pytest.raises(IndexMismatchError, match="3 vectors for a KB of 24 passages"):
-        build_or_load(ctx, index, index.folder, "hashed-v1", hashed_vectors, batch_size=5)
+        _ctx(tmp_path, kb, options).passage_index("hashed-v1", hashed_vectors, batch_size=5)
 
     beside = index_dir("kb", ctx)
     assert beside == (tiny_data / ".jsarag-indexes").resolve() and beside.is_dir()
@@ -139,8 +142,8 @@ def test_refresh_schedule():
 def test_a_bad_refresh_schedule_names_the_key(tiny_recipe):
     from jsarag.recipe import load_recipe
 
-    with pytest.raises(RecipeError, match=r"index.refresh: .*START-END:EVERY"):
-        load_recipe(tiny_recipe(index={"refresh": "0-100"}))
+    with pytest.raises(RecipeError, match=r"retriever.refresh: .*START-END:EVERY"):
+        load_recipe(tiny_recipe(retriever={"refresh": "0-100"}))
 
 
 def _example(question: str, answer: str = "") -> Example:
@@ -154,18 +157,18 @@ def test_bm25_ranks_an_exact_term_match_first(tmp_path):
              "Whisk the eggs with sugar.", "Grate the zucchini and squeeze out the water.", "Simmer the stock."]
     (tmp_path / "passages.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "title": "", "text": t}) + "\n"
                                                      for i, t in enumerate(texts)))
-    recipe = SimpleNamespace(data=SimpleNamespace(max_history_turns=0), eval=SimpleNamespace(top_k=3))
-    ctx = _ctx(tmp_path, load_kb(tmp_path / "passages.jsonl"), recipe)
-    ctx.components["estimator"] = SimpleNamespace(needs_posterior=True)
-    retriever = BM25Retriever(BM25Options(top_k=2, posterior_top_k=1), ctx)
+    ctx = _ctx(tmp_path, load_kb(tmp_path / "passages.jsonl"))
+    retriever = BM25Retriever(BM25Options(), ctx)
     assert retriever.trainable() == {}
 
-    found = retriever.retrieve(Batch([_example("what about zucchini?")], [0]), train=False)
+    found = ranked(Batch([_example("what about zucchini?")], [0]), retriever, 3, history_turns=0)
     assert found.rows[0, 0] == 3 and found.rows.shape == (1, 3)
     assert not found.prior_logits.requires_grad
 
-    batch = Batch([_example("how long do I cook it?", "boil the pasta")], [0], extra_rows=[[4]])
-    candidates = retriever.retrieve(batch, train=True)
+    # as prior and posterior (the same fixed scorer reads x, then x + y), with an extra row, through the core
+    batch = Batch([_example("how long do I cook it?", "boil the pasta")], [0])
+    config = CandidatesConfig(prior_top_k=2, posterior_top_k=1, posterior_sep=" ")
+    candidates = candidate_set(batch, retriever, retriever, config, len(ctx.kb), 0, extra_rows=[[4]])
     rows = candidates.rows[0].tolist()
     assert 0 in rows and 4 in rows  # the posterior (x + y) found the pasta; the extra row joined
     assert candidates.posterior_logits[0, rows.index(0)] == candidates.posterior_logits[0].max()
@@ -206,37 +209,37 @@ def dense_with_trained_passages(tiny_recipe, tiny_data, tmp_path):
     from jsarag_plugins.retrievers.dense import DenseRetriever
 
     recipe = load_recipe(tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3, "rescore_pool": 6,
-                                                "bm25_top_k": 2}, index={"refresh": "0-:2"}))
+                                                "bm25_top_k": 2, "refresh": "0-:2"}))
     kb = load_kb(tiny_data / "passages.jsonl")
-    ctx = _ctx(tmp_path, kb, recipe)
-    ctx.components["index"] = FaissIndex(recipe.index.options, ctx)
-    return DenseRetriever(recipe.retriever.options, ctx)
+    return DenseRetriever(recipe.retriever.options, _ctx(tmp_path, kb, recipe.index.options))
 
 
 def test_refresh_changes_the_index_after_the_passage_encoder_moves(dense_with_trained_passages, tiny_data):
     retriever = dense_with_trained_passages
     kb = retriever.ctx.kb
-    before = np.array(retriever.vectors)
+    before = np.array(retriever.passages.vectors)
     assert "passage_encoder" in retriever.trainable()
     with torch.no_grad():  # stands in for optimizer steps on the passage encoder
         for p in retriever.passage_encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
 
     retriever.on_step_end(step=1, loss=0.0, stats={})  # not on the schedule: the index stays
-    np.testing.assert_array_equal(np.array(retriever.vectors), before)
+    np.testing.assert_array_equal(np.array(retriever.passages.vectors), before)
     retriever.on_step_end(step=2, loss=0.0, stats={})
-    after = np.array(retriever.vectors)
-    assert retriever.index_step == 2 and read_meta(retriever.live_folder)["step"] == 2
+    after = np.array(retriever.passages.vectors)
+    live_folder = retriever.ctx.output_dir / "index-live" / "prior"
+    assert retriever.passages.step == 2 and retriever.passages.folder == live_folder
+    assert read_meta(live_folder)["step"] == 2
     assert np.abs(after - before).max() > 1e-2
     live = retriever._embed_live([kb.render(i) for i in range(len(kb))])
     np.testing.assert_allclose(after, live, atol=1e-5)
-    top1 = retriever.index.search(live, 1)[1][:, 0]
+    top1 = retriever.passages.search(live, 1)[1][:, 0]
     np.testing.assert_array_equal(top1, np.arange(len(kb)))  # the index searches the new vectors
 
     examples = load_examples(split_path(tiny_data, "train"), kb)
     batch = Batch(list(examples[:2]), [0, 1])
-    candidates = retriever.retrieve(batch, train=True)
-    bm25_rows = retriever.bm25.top([render_query(ex, 1) for ex in batch.examples], 2)  # the recipe keeps 1 turn
+    candidates = candidate_set(batch, retriever, None, CandidatesConfig(prior_top_k=4), len(kb), 1, [])
+    bm25_rows = retriever.bm25.top([render_query(ex, 1) for ex in batch.examples], 2)  # candidate_set keeps 1 turn
     for i in range(2):
         assert set(bm25_rows[i].tolist()) <= set(candidates.rows[i].tolist())
     candidates.prior_logits[candidates.mask].sum().backward()  # logits carry gradient into the passage encoder
@@ -244,10 +247,10 @@ def test_refresh_changes_the_index_after_the_passage_encoder_moves(dense_with_tr
 
 
 def test_a_run_with_a_trained_passage_encoder_refreshes_and_is_searchable(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3, "rescore_pool": 8},
-                         index={"refresh": "0-:2"}, train={"max_steps": 3}, eval={"max_examples": 4})
+    recipe = tiny_recipe(retriever={"train_passages": True, "passage_lr": 1e-3, "rescore_pool": 8,
+                                    "refresh": "0-:2"}, train={"max_steps": 3}, eval={"max_examples": 4})
     run_cli("train", "--config", str(recipe))
-    live = tmp_path / "run" / "index-live"
+    live = tmp_path / "run" / "index-live" / "prior"
     assert read_meta(live)["step"] == 3  # refreshed at step 2 and at the end of training
     initial = next(f for f in cached_folders(Path(os.environ["JSARAG_CACHE"]) / "indexes")
                    if read_meta(f)["encoder"] + "+trained" == read_meta(live)["encoder"])
@@ -261,8 +264,22 @@ def test_a_run_with_a_trained_passage_encoder_refreshes_and_is_searchable(tiny_r
 
 
 def test_bm25_alone_is_a_fixed_prior_for_jsa(tiny_recipe, tmp_path):
-    recipe = tiny_recipe(retriever={"name": "bm25", "top_k": 4, "posterior_top_k": 4},
-                         estimator={"name": "jsa", "proposals": 8}, train={"max_steps": 2}, eval={"max_examples": 4})
+    recipe = tiny_recipe(retriever={"name": "bm25"}, estimator={"name": "jsa", "proposals": 8}, train={"max_steps": 2}, eval={"max_examples": 4})
     run_cli("train", "--config", str(recipe))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["final"]["dev"]["recall@10"] >= 0
+
+
+def test_an_index_that_cannot_hold_the_vectors_fails_before_the_kb_is_embedded(tiny_data, tmp_path):
+    kb = load_kb(tiny_data / "passages.jsonl")
+    calls = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(len(texts))
+        return hashed_vectors(texts)  # 16-d
+
+    ctx = _ctx(tmp_path, kb, FaissOptions(type="ivfpq", pq_m=3, dir=tmp_path / "indexes"))
+    with pytest.raises(RecipeError, match=r"index.pq_m: 3 does not divide the vector dimension 16"):
+        ctx.passage_index("hashed-v1", encode, batch_size=4)
+    assert calls == [4]  # one batch, not the 24 passages
+    assert not list((tmp_path / "indexes").iterdir())  # and nothing left behind

@@ -49,16 +49,16 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)
     args = parser.parse_args()
 
-    from jsarag.components import RunContext
+    from jsarag.api import Context
     from jsarag.engine import init_distributed, shutdown
-    from jsarag.passages import build_or_load
     from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
 
     rank, world, device = init_distributed()
-    ctx = RunContext(recipe=None, kb=FakeKB(), output_dir=args.workdir, cache_dir=args.workdir, device=device,
-                     rank=rank, world_size=world)
-    index = TorchExactIndex(TorchExactOptions(block_size=16), ctx)
-    build_or_load(ctx, index, args.workdir / "indexes", "hashed-v1", hashed_vectors, batch_size=8)
+    ctx = Context(role="prior", kb=FakeKB(), output_dir=args.workdir, cache_dir=args.workdir, device=device,
+                  rank=rank, world_size=world)
+    ctx.new_index = lambda: TorchExactIndex(TorchExactOptions(block_size=16, dir=args.workdir / "indexes"), ctx)
+    built = ctx.passage_index("hashed-v1", hashed_vectors, batch_size=8)
+    index = built.index
     queries = query_vectors()  # (Q, d), the same on every rank
     mine = queries[:7] if rank == 0 else queries[7:12]  # ranks ask different numbers of queries
     scores, rows = index.search(mine, 5)
@@ -67,7 +67,7 @@ def main() -> None:
     torch.distributed.all_gather_object(gathered, {"rows": rows.tolist(), "scores": scores.tolist(),
                                                    "again": again.tolist(), "shard": len(index.shard)})
     if rank == 0:
-        args.out.write_text(json.dumps({"world": world, "folder": str(index.loaded_from), "ranks": gathered}))
+        args.out.write_text(json.dumps({"world": world, "folder": str(built.folder), "ranks": gathered}))
     shutdown(0)
 
 

@@ -2,35 +2,43 @@
 
 ``loss = -log Σ_{h∈K} p(h|x) p(y|x,h) + KL(p(h|x,y) ‖ q(h|x,y))`` with the true posterior held fixed in the KL.
 It scores every passage for every example: the ground truth the other estimators approximate, for small KBs,
-tests and gradient studies. Needs ``retriever.candidates: all``.
+tests and gradient studies. Needs ``candidates.mode: all``.
 """
 from __future__ import annotations
 
 import torch
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext
-from jsarag.errors import RecipeError
-from jsarag.estimation import scatter_scores, weighted_sum
-from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Context,
+    Estimator,
+    EstimatorOptions,
+    RecipeError,
+    Rescore,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    hookimpl,
+)
+from jsarag_plugins.estimators.common import weighted_sum
 
 
-class ExactOptions(Options):
+class ExactOptions(EstimatorOptions):
     max_passages: int = Field(256, ge=1)
     """Refuse KBs larger than this (every passage is scored for every example)."""
-    likelihood: Likelihood = "sum"
-    """log p(y|x,h) summed over answer tokens, or length-normalised (mean)."""
 
 
-class Exact(Component):
+class Exact(Estimator):
     """Exact marginal likelihood over all of K; exact inclusive KL for the posterior."""
 
-    kind = "estimator"
     Options = ExactOptions
     needs_posterior = True
+    needs_all_candidates = True
+    objective = "the reference: -log p(y|x) over all of K, inclusive KL(p(h|x,y) ‖ q) for the posterior"
 
-    def __init__(self, options: ExactOptions, ctx: RunContext | None) -> None:
+    def __init__(self, options: ExactOptions, ctx: Context | None) -> None:
         super().__init__(options, ctx)
         if ctx is not None and len(ctx.kb) > options.max_passages:
             raise RecipeError(
@@ -38,15 +46,12 @@ class Exact(Component):
                 f"{options.max_passages}; use a smaller KB or raise the bound"
             )
 
-    @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
-        if self.ctx is not None and candidates.rows.shape[1] != len(self.ctx.kb):
-            raise RecipeError("estimator exact needs retriever.candidates: all (every passage a candidate)")
         return ScoreRequest.all_slots(candidates)
 
-    @hookimpl
-    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
-        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates)  # (B, K)
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores,
+               rescore: Rescore) -> StepResult:
+        loglik = scores.matrix(request, candidates, self.options.likelihood)  # (B, K)
         log_p = candidates.prior_log_probs().to(loglik.device)  # (B, K)
         joint = log_p + loglik
         marginal = torch.logsumexp(joint, dim=-1)  # (B,) log p(y|x)

@@ -15,28 +15,35 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext
-from jsarag.estimation import request_for, sampling_probs, scatter_scores, weighted_sum
-from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Context,
+    Estimator,
+    EstimatorOptions,
+    Rescore,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    hookimpl,
+)
+from jsarag_plugins.estimators.common import sampling_probs, weighted_sum
 
 log = logging.getLogger("jsarag.jsa")
 
 
-class JsaOptions(Options):
+class JsaOptions(EstimatorOptions):
     proposals: int = Field(50, ge=1)
     """m: proposals drawn from the posterior per example and step."""
     use: Literal["all", "last"] = "all"
     """Weight all m chain states by frequency (the reference), or only the last (textbook JSA)."""
     cache: bool = True
     """Keep each example's last chain state across steps and start the next chain from it."""
-    likelihood: Likelihood = "sum"
-    """log p(y|x,h) summed over answer tokens, or length-normalised (mean, as the reference code)."""
     grad_pass: Literal["rescore", "single"] = "rescore"
     """rescore: score proposals without gradient, re-run only weighted states with it; single: one pass with it."""
 
@@ -85,24 +92,24 @@ def gold_share(batch: Batch, candidates: Candidates, weights: torch.Tensor, kb) 
     return float((weights * hits).sum(-1).mean())
 
 
-class Jsa(Component):
+class Jsa(Estimator):
     """JSA-RAG: MIS over the candidate set with the posterior as proposal; trains generator, prior and posterior."""
 
-    kind = "estimator"
     Options = JsaOptions
     needs_posterior = True
+    adds_rows = True
+    objective = ("the exact gradients (marginal likelihood, inclusive KL) over its candidate set, by a finite MIS "
+                 "chain: bias only from candidates outside that set and from the chain's start, shrinking with m")
 
-    def __init__(self, options: JsaOptions, ctx: RunContext) -> None:
+    def __init__(self, options: JsaOptions, ctx: Context | None) -> None:
         super().__init__(options, ctx)
         self.cache: dict[int, int] = {}  # example position in the train split -> KB row of its last chain state
         log.info("jsa: m=%d, use=%s, cache=%s, generator likelihood=%s (%s)", options.proposals, options.use,
                  options.cache, options.likelihood, "summed over tokens" if options.likelihood == "sum" else "per token")
 
-    @hookimpl
-    def extra_candidates(self, batch: Batch) -> list[list[int]]:
+    def extra_rows(self, batch: Batch) -> list[list[int]]:
         return [[self.cache[p]] if self.options.cache and p in self.cache else [] for p in batch.positions]
 
-    @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ChainRequest:
         q = sampling_probs(candidates.posterior_log_probs().detach().cpu(), candidates.mask)  # (B, C)
         proposals = torch.multinomial(q, self.options.proposals, replacement=True)  # (B, m)
@@ -110,7 +117,7 @@ class Jsa(Component):
         used = torch.zeros(q.shape, dtype=torch.bool).scatter_(1, proposals, True)
         has_start = start >= 0
         used[has_start.nonzero(as_tuple=True)[0], start[has_start]] = True
-        request = request_for(used, grad=self.options.grad_pass == "single")
+        request = ScoreRequest.where(used, grad=self.options.grad_pass == "single")
         return ChainRequest(request.example, request.slot, request.grad, proposals=proposals, start=start)
 
     def _cached_slots(self, batch: Batch, candidates: Candidates) -> torch.Tensor:
@@ -122,18 +129,17 @@ class Jsa(Component):
                 start[i] = int(hit[0, 0]) if len(hit) else -1
         return start
 
-    @hookimpl
     def update(self, batch: Batch, candidates: Candidates, request: ChainRequest, scores: Scores,
-               rescore: Callable[[ScoreRequest], Scores]) -> StepResult:
-        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates).cpu()  # (B, C)
+               rescore: Rescore) -> StepResult:
+        loglik = scores.matrix(request, candidates, self.options.likelihood).cpu()  # (B, C)
         log_p = candidates.prior_log_probs()  # (B, C) log p̃(h|x), with gradient
         log_q = candidates.posterior_log_probs()  # (B, C) log q̃(h|x,y), with gradient
         log_ratio = log_p.detach().cpu() + loglik.detach() - log_q.detach().cpu()  # (B, C)
         states, accepted = run_chain(log_ratio, request.proposals, request.start)  # (B, m)
         weights = chain_weights(states, loglik.shape[1], self.options.use)  # (B, C)
         if not request.grad:  # second pass: gradient only where the chain put weight
-            again = request_for(weights > 0, grad=True)
-            loglik = scatter_scores(rescore(again).loglik(self.options.likelihood), again, candidates)
+            again = ScoreRequest.where(weights > 0)
+            loglik = rescore(again).matrix(again, candidates, self.options.likelihood)
         weights = weights.to(log_p.device)
         per_example = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q))  # (B,)
         self._remember(batch, candidates, states[:, -1], torch.isfinite(per_example.detach()).cpu())
@@ -150,9 +156,7 @@ class Jsa(Component):
         rows = candidates.rows.gather(1, last.unsqueeze(1).to(candidates.rows.device)).squeeze(1).tolist()
         updates = [(p, r) for p, r, ok in zip(batch.positions, rows, finite.tolist()) if ok]
         if self.ctx is not None and self.ctx.world_size > 1:
-            gathered: list = [None] * self.ctx.world_size
-            torch.distributed.all_gather_object(gathered, updates)
-            updates = [u for part in gathered for u in part]
+            updates = [u for part in self.ctx.all_gather(updates) for u in part]
         self.cache.update(updates)
 
     def _stats(self, batch, request: ChainRequest, states, accepted: int, weights) -> dict[str, float]:

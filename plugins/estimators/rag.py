@@ -7,31 +7,36 @@ from __future__ import annotations
 
 import torch
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options
-from jsarag.estimation import scatter_scores
-from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Estimator,
+    EstimatorOptions,
+    Rescore,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    hookimpl,
+)
 
 
-class RagOptions(Options):
-    likelihood: Likelihood = "sum"
-    """log p(y|x,h) summed over answer tokens, or their mean (length-normalised)."""
+class RagOptions(EstimatorOptions):
+    """RAG-Sequence takes only the likelihood choice."""
 
 
-class Rag(Component):
+class Rag(Estimator):
     """Marginalise the answer likelihood over the prior's top-K passages."""
 
-    kind = "estimator"
     Options = RagOptions
-    needs_posterior = False
+    objective = ("the top-K marginal -log Σ_{h∈top-K} p̃(h|x) p(y|x,h), another objective than -log p(y|x): bias "
+                 "against the exact gradient is by design (passages outside the top-K are ignored)")
 
-    @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
         return ScoreRequest.all_slots(candidates)
 
-    @hookimpl
-    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
-        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates)  # (B, C)
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores,
+               rescore: Rescore) -> StepResult:
+        loglik = scores.matrix(request, candidates, self.options.likelihood)  # (B, C)
         prior = candidates.prior_log_probs().to(loglik.device)  # (B, C)
         marginal = torch.logsumexp(prior + loglik, dim=-1)  # (B,) log p(y|x) over C
         posterior = torch.softmax((prior + loglik).detach(), dim=-1)  # (B, C) p(h|x,y) within C

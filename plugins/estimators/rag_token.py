@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from jsarag import hookimpl
-from jsarag.components import Options
-from jsarag.types import Batch, Candidates, ScoreRequest, Scores, StepResult
+from jsarag.api import Batch, Candidates, Options, Rescore, ScoreRequest, Scores, StepResult, hookimpl
 from jsarag_plugins.estimators.rag import Rag
 
 
@@ -16,9 +14,10 @@ class RagToken(Rag):
     """Marginalise each answer token's likelihood over the prior's top-K passages (sampling as ``rag``)."""
 
     Options = Options  # token log-likelihoods are marginalised as they are: no sum/mean choice
+    objective = "the per-token top-K marginal, another objective: bias against the exact gradient is by design"
 
-    @hookimpl
-    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores,
+               rescore: Rescore) -> StepResult:
         b, c = candidates.rows.shape
         t = scores.token_logprobs.shape[1]
         device = scores.token_logprobs.device

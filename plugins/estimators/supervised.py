@@ -1,7 +1,7 @@
 """Estimator ``supervised``: train on each example's gold passage, no latent variable (the cost floor of a step).
 
 ``loss = -log p(y|x,h*) - λ log p̃(h*|x)`` with h* the example's first gold passage, added to the candidates through
-``extra_candidates`` so that the prior is renormalised over its top-k plus h*. It reads ``gold_passage_ids``, which
+``extra_rows`` so that the prior is renormalised over its top-k plus h*. It reads ``gold_passage_ids``, which
 the latent-variable estimators never do: use it as an upper-bound baseline or as the floor of ``jsarag bench
 step-cost`` (one generator pass per example). Examples without a gold passage contribute nothing.
 """
@@ -10,43 +10,46 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options
-from jsarag.estimation import request_for, scatter_scores
-from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Estimator,
+    EstimatorOptions,
+    Rescore,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    hookimpl,
+)
 
 
-class SupervisedOptions(Options):
+class SupervisedOptions(EstimatorOptions):
     retriever_weight: float = Field(1.0, ge=0)
     """λ: weight of the prior's -log p̃(h*|x) (0 trains the generator only)."""
-    likelihood: Likelihood = "sum"
-    """log p(y|x,h*) summed over answer tokens, or length-normalised (mean)."""
 
 
-class Supervised(Component):
+class Supervised(Estimator):
     """Maximise p(y|x,h*) and p̃(h*|x) for the gold passage h*."""
 
-    kind = "estimator"
     Options = SupervisedOptions
-    needs_posterior = False
+    adds_rows = True
+    objective = "the gold passage's -log p(y|x,h*) - λ log p̃(h*|x): supervised retrieval, no latent variable"
 
     def gold_rows(self, batch: Batch) -> list[int]:
         """Each example's first gold passage as a KB row, -1 where it has none."""
         kb = self.ctx.kb
         return [kb.row(ex.gold_passage_ids[0]) if ex.gold_passage_ids else -1 for ex in batch.examples]
 
-    @hookimpl
-    def extra_candidates(self, batch: Batch) -> list[list[int]]:
+    def extra_rows(self, batch: Batch) -> list[list[int]]:
         return [[row] if row >= 0 else [] for row in self.gold_rows(batch)]
 
-    @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
         gold = torch.tensor(self.gold_rows(batch)).unsqueeze(1)  # (B, 1)
-        return request_for((candidates.rows == gold) & (gold >= 0), grad=True)  # one slot per example with gold
+        return ScoreRequest.where((candidates.rows == gold) & (gold >= 0))  # one slot per example with gold
 
-    @hookimpl
-    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
-        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates)  # (B, C), -inf off gold
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores,
+               rescore: Rescore) -> StepResult:
+        loglik = scores.matrix(request, candidates, self.options.likelihood)  # (B, C), -inf off gold
         is_gold = torch.zeros_like(loglik, dtype=torch.bool).index_put(
             (request.example.to(loglik.device), request.slot.to(loglik.device)), torch.tensor(True))  # (B, C)
         log_p = candidates.prior_log_probs().to(loglik.device)  # (B, C)

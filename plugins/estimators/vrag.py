@@ -8,58 +8,72 @@ Two forms, chosen by ``samples``:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options
-from jsarag.estimation import masked_log_softmax, request_for, sampling_probs, scatter_scores, weighted_sum
-from jsarag.types import Batch, Candidates, Likelihood, ScoreRequest, Scores, StepResult
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Estimator,
+    EstimatorOptions,
+    Rescore,
+    ScoreRequest,
+    Scores,
+    StepResult,
+    hookimpl,
+)
+from jsarag_plugins.estimators.common import masked_log_softmax, sampling_probs, weighted_sum
 
 
-class VragOptions(Options):
-    top_k: int = Field(10, ge=1)
-    """K: the posterior's top-K candidates form C_q."""
+class VragOptions(EstimatorOptions):
+    top_k: int | None = Field(None, ge=1)
+    """K: the posterior's top-K candidates form C_q (null: candidates.posterior_top_k, the posterior's own share)."""
     beta: float = Field(1.0, ge=0)
     """β: weight of the KL term."""
     kl_over: Literal["posterior", "union"] = "posterior"
     """KL(q̃ ‖ p̃) over C_q, or over the union of prior and posterior candidates."""
     samples: int = Field(0, ge=0)
     """0: exact ELBO over C_q; n > 0: Monte-Carlo ELBO with n samples and a score-function gradient."""
-    likelihood: Likelihood = "sum"
-    """log p(y|x,h) summed over answer tokens, or length-normalised (mean)."""
 
 
-class Vrag(Component):
+@dataclass
+class DrawRequest(ScoreRequest):
+    """A score request that also carries the Monte-Carlo form's draws (candidate slots)."""
+
+    draws: torch.Tensor = None  # (B, n) long: slots drawn from q̃ over C_q
+
+
+class Vrag(Estimator):
     """Maximise the ELBO E_q̃[log p(y|x,h)] - β KL(q̃ ‖ p̃) with the posterior retriever as q."""
 
-    kind = "estimator"
     Options = VragOptions
     needs_posterior = True
+    objective = ("the ELBO over the posterior's top-K (a lower bound; q follows the exclusive KL), another "
+                 "objective than -log p(y|x): bias against the exact gradient is by design")
 
     def posterior_set(self, candidates: Candidates) -> torch.Tensor:
         """(B, C) bool: the posterior's top-K slots (C_q)."""
         logits = candidates.posterior_logits.detach()
-        k = min(self.options.top_k, logits.shape[1])
+        k = min(self.options.top_k or self.ctx.recipe["candidates"]["posterior_top_k"], logits.shape[1])
         top = logits.topk(k, dim=-1).indices
         return torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True) & candidates.mask.to(logits.device)
 
-    @hookimpl
     def sample(self, batch: Batch, candidates: Candidates) -> ScoreRequest:
         in_set = self.posterior_set(candidates).cpu()
         if self.options.samples == 0:
-            return request_for(in_set, grad=True)
+            return ScoreRequest.where(in_set)
         q = sampling_probs(masked_log_softmax(candidates.posterior_logits.detach().cpu(), in_set), in_set)  # (B, C)
-        self._draws = torch.multinomial(q, self.options.samples, replacement=True)  # (B, n) slots
-        drawn = torch.zeros_like(in_set).scatter_(1, self._draws, True)
-        return request_for(drawn, grad=True)
+        draws = torch.multinomial(q, self.options.samples, replacement=True)  # (B, n) slots
+        request = ScoreRequest.where(torch.zeros_like(in_set).scatter_(1, draws, True))
+        return DrawRequest(request.example, request.slot, request.grad, draws=draws)
 
-    @hookimpl
-    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores) -> StepResult:
+    def update(self, batch: Batch, candidates: Candidates, request: ScoreRequest, scores: Scores,
+               rescore: Rescore) -> StepResult:
         in_set = self.posterior_set(candidates)
-        loglik = scatter_scores(scores.loglik(self.options.likelihood), request, candidates)  # (B, C)
+        loglik = scores.matrix(request, candidates, self.options.likelihood)  # (B, C)
         in_set = in_set.to(loglik.device)
         log_q = masked_log_softmax(candidates.posterior_logits, in_set).to(loglik.device)  # (B, C) over C_q
         kl = self.kl(candidates, in_set).to(loglik.device)  # (B,)
@@ -67,7 +81,7 @@ class Vrag(Component):
             expected = weighted_sum(log_q.exp(), loglik)  # (B,) E_q̃[log p(y|x,h)]
             loss = (-expected + self.options.beta * kl).mean()
         else:
-            expected, surrogate = self._monte_carlo(loglik, log_q)
+            expected, surrogate = self._monte_carlo(loglik, log_q, request.draws)
             loss = (-surrogate + self.options.beta * kl).mean()
         elbo = (expected - kl).detach()
         return StepResult(loss=loss, stats={"elbo": float(elbo.mean()), "kl": float(kl.detach().mean())})
@@ -80,9 +94,10 @@ class Vrag(Component):
         log_p = masked_log_softmax(candidates.prior_logits, keep)  # (B, C)
         return weighted_sum(log_q.exp(), log_q - log_p)
 
-    def _monte_carlo(self, loglik: torch.Tensor, log_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _monte_carlo(self, loglik: torch.Tensor, log_q: torch.Tensor, draws: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) the sample mean of log p(y|x,h) and the surrogate whose gradient is the score-function estimate."""
-        draws = self._draws.to(loglik.device)  # (B, n)
+        draws = draws.to(loglik.device)  # (B, n)
         ll = loglik.gather(1, draws)  # (B, n)
         lq = log_q.gather(1, draws)  # (B, n)
         n = ll.shape[1]

@@ -3,23 +3,36 @@
 Prompt = template(passage, dialog history, question); the loss is on the answer tokens only. Many
 (context, passage, answer) triples are scored in few padded forwards: sequences are left-padded so every answer
 ends at the last position, and only the last A+1 positions' logits are computed (``logits_to_keep``).
+Scoring runs with dropout off, with or without gradient, so that the no-gradient pass and the gradient pass of an
+estimator see the same log p(y|x,h) (one scoring law); layers that checkpoint activations keep doing so.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext, Trainable, Truncations
-from jsarag.data import render_history, text_key
-from jsarag.errors import ModelError
-from jsarag.models import loading, resolve_model
-from jsarag.types import Batch, Candidates, ScoreRequest, Scores
+from jsarag.api import (
+    Batch,
+    Candidates,
+    Context,
+    Generator,
+    ModelError,
+    Options,
+    ScoreRequest,
+    Scores,
+    Trainable,
+    Truncations,
+    hookimpl,
+    loading,
+    render_history,
+    resolve_model,
+    text_key,
+)
 from jsarag_plugins.generators.decoding import greedy
 
 PROMPT = (
@@ -28,10 +41,9 @@ PROMPT = (
 )
 
 
-class LoraOptions(BaseModel):
+class LoraOptions(Options):
     """Low-rank adapters (peft) in place of full fine-tuning."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, allow_inf_nan=False)
     r: int = Field(8, ge=1)
     """Adapter rank."""
     alpha: int = Field(16, ge=1)
@@ -80,14 +92,15 @@ class CausalLMOptions(Options):
     """Run Python code shipped in the model folder (its config's auto_map); off unless the recipe says so."""
 
 
-class CausalLM(Truncations, Component):
+class CausalLM(Truncations, Generator):
     """A causal LM that scores and decodes answers given a passage."""
 
-    kind = "generator"
     Options = CausalLMOptions
 
-    def __init__(self, options: CausalLMOptions, ctx: RunContext) -> None:
+    def __init__(self, options: CausalLMOptions, ctx: Context) -> None:
         super().__init__(options, ctx)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         path = resolve_model(options.model)
         with loading(options.model, "generator.model"):
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=options.trust_remote_code)
@@ -109,7 +122,10 @@ class CausalLM(Truncations, Component):
         # what was cut, as distinct things so that a resumed run counts what an uninterrupted one does:
         # KB rows, and hashes of questions and answer texts
         self.truncated: dict[str, set[int]] = {"passages": set(), "questions": set(), "answers": set()}
-        self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (`jsarag diagnose`)
+        self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (cost studies)
+
+    def tokens(self) -> tuple[int, int]:
+        return self.tokens_scored, self.tokens_with_grad
 
     def _dtype(self) -> torch.dtype:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -132,7 +148,7 @@ class CausalLM(Truncations, Component):
         the oldest history goes first, then the end of the passage, then the start of the question."""
         ex = batch.examples[example]
         rows = [rows] if isinstance(rows, int) else rows
-        history = render_history(ex, self.ctx.recipe.data.max_history_turns)
+        history = render_history(ex, self.ctx.history_turns)
         suffix = self._ids(self.suffix.format(history=history + "\n" if history else "", question=ex.question))
         bare = self._question_length(ex.question)  # the suffix without history: the question is never dropped
         room = self.options.max_prompt_tokens - len(self.prefix_ids)  # for the passage and the suffix
@@ -178,14 +194,13 @@ class CausalLM(Truncations, Component):
 
     # -- scoring ------------------------------------------------------------------------------------------------------
 
-    @hookimpl
     def score(self, batch: Batch, candidates: Candidates, request: ScoreRequest) -> Scores:
         rows = candidates.rows[request.example, request.slot].tolist()
         pairs = [(self.prompt_ids(batch, e, r), self.answer_ids(batch.examples[e].answer))
                  for e, r in zip(request.example.tolist(), rows)]
         groups = self._chunks(pairs)
         forwards = self._forwards_on_every_rank(len(groups))  # agreed before any forward starts its collectives
-        with torch.set_grad_enabled(request.grad and torch.is_grad_enabled()):
+        with torch.set_grad_enabled(request.grad and torch.is_grad_enabled()), scoring_mode(self.model):
             chunks = [self._score_chunk(pairs, idx) for idx in groups]
             idle = [self._idle_forward() for _ in range(forwards - len(groups))]
         if not pairs:
@@ -241,7 +256,6 @@ class CausalLM(Truncations, Component):
 
     # -- decoding -----------------------------------------------------------------------------------------------------
 
-    @hookimpl
     def generate(self, batch: Batch, candidates: Candidates) -> list[str]:
         """One greedy answer per example, by the recipe's decoding mode."""
         k = min(self.options.decode_k, candidates.rows.shape[1])
@@ -264,6 +278,24 @@ class CausalLM(Truncations, Component):
         joint = joint.masked_fill(~candidates.mask[:, :k].cpu(), float("-inf"))
         best = joint.argmax(-1).tolist()
         return [decoded.texts[e * k + j] for e, j in enumerate(best)]
+
+
+@contextlib.contextmanager
+def scoring_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Score with dropout off (eval mode) whatever the engine's mode; layers that checkpoint activations keep their
+    own training flag, which is what turns checkpointing on (their submodules, dropout included, stay in eval)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    for module, training in modes:
+        if training and isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True  # not .train(): that would switch its submodules' dropout back on
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _split_template(template: str) -> tuple[str, str]:

@@ -14,15 +14,11 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import faiss
 import numpy as np
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from jsarag import hookimpl
-from jsarag.components import RunContext
-from jsarag.errors import RecipeError
-from jsarag.passages import IndexComponent, IndexOptions
+from jsarag.api import Context, Index, IndexOptions, RecipeError, hookimpl
 
 log = logging.getLogger("jsarag.faiss")
 
@@ -58,13 +54,15 @@ class FaissOptions(IndexOptions):
     """FAISS OpenMP threads (0 = FAISS's default)."""
 
 
-class FaissIndex(IndexComponent):
+class FaissIndex(Index):
     """A FAISS index over unit-normalised passage vectors."""
 
     Options = FaissOptions
 
-    def __init__(self, options: FaissOptions, ctx: RunContext) -> None:
+    def __init__(self, options: FaissOptions, ctx: Context) -> None:
         super().__init__(options, ctx)
+        import faiss
+
         self.index: faiss.Index | None = None
         self.on_gpu = False
         self._gpu_resources = None
@@ -87,6 +85,14 @@ class FaissIndex(IndexComponent):
         fp16 = ["fp16"] if o.float16 and o.type != "ivfpq" else []
         return ":".join(["faiss", o.type, *map(str, parts), *fp16, *sample])
 
+    def check_vectors(self, count: int, dim: int) -> None:
+        """Refuse a PQ code size that does not divide the vector size (the options name it)."""
+        if self.options.type == "ivfpq" and not self.options.factory:
+            m = self.options.pq_m or max(m for m in range(1, dim // 4 + 1) if dim % m == 0)
+            if dim % m:
+                raise RecipeError(f"index.pq_m: {m} does not divide the vector dimension {dim} of the retriever's "
+                                  "passage vectors; pick a divisor")
+
     def factory_string(self, n: int, d: int) -> str:
         """The faiss.index_factory string for n vectors of dimension d."""
         o = self.options
@@ -108,6 +114,8 @@ class FaissIndex(IndexComponent):
 
     def build(self, vectors: np.ndarray) -> None:
         """Build the index over (P, d) vectors (a memmap is read in chunks)."""
+        import faiss
+
         n, d = vectors.shape
         spec = self.factory_string(n, d)
         index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
@@ -136,16 +144,22 @@ class FaissIndex(IndexComponent):
 
     def save(self, folder: Path) -> None:
         """Write the index into ``folder``."""
+        import faiss
+
         cpu = faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
         faiss.write_index(cpu, str(Path(folder) / "index.faiss"))
 
     def load(self, folder: Path) -> None:
         """Read the index from ``folder`` (onto the GPU when placed there)."""
+        import faiss
+
         self.index = self._place(faiss.read_index(str(Path(folder) / "index.faiss")))
         self._set_search_knobs()
 
     def _set_search_knobs(self) -> None:
         """Apply nprobe / efSearch where the index family has them."""
+        import faiss
+
         space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         space.initialize(self.index)
         knobs = {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
@@ -153,8 +167,10 @@ class FaissIndex(IndexComponent):
             if name in knobs:
                 space.set_index_parameter(self.index, name, value)
 
-    def _place(self, index: faiss.Index) -> faiss.Index:
+    def _place(self, index):
         """Move a CPU index onto the run's GPU when the options and the installation allow."""
+        import faiss
+
         self.on_gpu = False
         if not self._wants_gpu():
             return index
@@ -174,6 +190,8 @@ class FaissIndex(IndexComponent):
         return placed
 
     def _wants_gpu(self) -> bool:
+        import faiss
+
         mode = self.options.device
         available = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
         if mode == "gpu" and not available:

@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import RunContext
-from jsarag.passages import IndexComponent, IndexOptions, shard_range
+from jsarag.api import Context, Index, IndexOptions, hookimpl
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -34,12 +32,13 @@ class TorchExactOptions(IndexOptions):
     """Rows copied per chunk from the memory-mapped vectors to the device."""
 
 
-class TorchExactIndex(IndexComponent):
+class TorchExactIndex(Index):
     """Exact top-k over passage vectors sharded across the ranks of the run."""
 
     Options = TorchExactOptions
+    sharded = True
 
-    def __init__(self, options: TorchExactOptions, ctx: RunContext) -> None:
+    def __init__(self, options: TorchExactOptions, ctx: Context) -> None:
         super().__init__(options, ctx)
         self.shard: torch.Tensor | None = None  # (P_r, d) this rank's passages
         self.offset = 0  # KB row of the shard's first passage
@@ -53,6 +52,9 @@ class TorchExactIndex(IndexComponent):
     def fingerprint_options(self) -> str:
         """Return the options that change what is built (only the vectors: the shards are cut at load)."""
         return "torch_exact"
+
+    def check_vectors(self, count: int, dim: int) -> None:
+        """Any number of float vectors of any size fits."""
 
     def build(self, vectors: np.ndarray) -> None:
         """Take this rank's shard of the (P, d) vectors."""
@@ -97,6 +99,13 @@ class TorchExactIndex(IndexComponent):
             scores, rows = _best(torch.cat([scores, top.values], 1),
                                  torch.cat([rows, top.indices + self.offset + start], 1), k)
         return scores, rows
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of rank's contiguous share of n rows (ceil(n / world) each, the last ranks may get fewer)."""
+    share = -(-n // world)
+    lo = min(n, rank * share)
+    return lo, min(n, lo + share)
 
 
 def _best(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

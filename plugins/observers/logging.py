@@ -1,5 +1,6 @@
-"""Observers ``progress`` (a tqdm bar on rank 0, plain log lines when output is not a terminal) and
-``jsonl_log`` (one JSON line per step and evaluation in <output_dir>/train_log.jsonl, rank 0)."""
+"""Observers ``progress`` (a tqdm bar on rank 0; off a terminal, plain log lines every ``log_every`` steps and at
+least every ``log_seconds``) and ``jsonl_log`` (one JSON line per step and evaluation in
+<output_dir>/train_log.jsonl, rank 0)."""
 from __future__ import annotations
 
 import json
@@ -9,93 +10,90 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from tqdm.auto import tqdm
 
-from jsarag import hookimpl
-from jsarag.checkpoint import atomic_write
-from jsarag.components import Component, Options, RunContext
-from jsarag.errors import TrainingError
+from jsarag.api import Context, Observer, Options, TrainingError, atomic_write, hookimpl
 
 log = logging.getLogger("jsarag.train")
 SHOWN = ("acceptance", "unique_states", "ess")  # estimator stats worth a place on the bar
 
 
-class Progress(Component):
+class ProgressOptions(Options):
+    log_every: int = Field(10, ge=1)
+    """Steps between log lines when output is not a terminal."""
+    log_seconds: float = Field(30.0, gt=0)
+    """Off a terminal, also log a line when this many seconds passed since the last one."""
+
+
+class Progress(Observer):
     """A progress bar with loss, key estimator stats, step time and ETA; log lines when not a terminal."""
 
-    kind = "observer"
+    Options = ProgressOptions
 
-    def __init__(self, options: Options, ctx: RunContext) -> None:
+    def __init__(self, options: ProgressOptions, ctx: Context) -> None:
         super().__init__(options, ctx)
         self.bar: tqdm | None = None
         self.tty = sys.stderr.isatty()
-        self.last = self.start = time.perf_counter()
-        self.start_step = 0
+        self.last = self.start = self.logged = time.perf_counter()
+        self.start_step = self.max_steps = 0
 
-    @hookimpl
     def on_train_start(self, start_step: int, max_steps: int) -> None:
-        if self.ctx.rank == 0 and self.tty:
+        if self.ctx.is_main and self.tty:
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        self.last = self.start = time.perf_counter()
-        self.start_step = start_step
+        self.last = self.start = self.logged = time.perf_counter()
+        self.start_step, self.max_steps = start_step, max_steps
 
-    @hookimpl
     def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
-        if self.ctx.rank != 0:
+        if not self.ctx.is_main:
             return
-        cfg, now = self.ctx.recipe.train, time.perf_counter()
-        stop, elapsed = min(cfg.max_steps, cfg.stop_at or cfg.max_steps), now - self.last
+        now, stop_at = time.perf_counter(), self.ctx.recipe["train"]["stop_at"]
+        stop, elapsed = min(self.max_steps, stop_at or self.max_steps), now - self.last
         self.last = now
         shown = {"loss": f"{loss:.4f}", **{k: f"{stats[k]:.3g}" for k in SHOWN if k in stats}, "s/step": f"{elapsed:.2f}"}
         if self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(1)
-        elif step % cfg.log_every == 0 or step == stop:
+        elif step % self.options.log_every == 0 or step == stop or now - self.logged >= self.options.log_seconds:
             eta = (now - self.start) / (step - self.start_step) * (stop - step)  # evaluations included
             shown["eta"] = tqdm.format_interval(eta)
-            log.info("step %d/%d %s", step, cfg.max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
+            log.info("step %d/%d %s", step, self.max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
+            self.logged = now
 
-    @hookimpl
-    def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, step: int, split: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
         self.last = time.perf_counter()  # the next step's time leaves the evaluation out
-        if self.ctx.rank == 0:
+        if self.ctx.is_main:
             text = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             (self.bar.write if self.bar is not None else log.info)(f"eval step {step} {split}: {text}")
 
-    @hookimpl
-    def on_train_end(self) -> None:
+    def on_train_end(self, step: int, metrics: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-class JsonlLog(Component):
+class JsonlLog(Observer):
     """Append every step's and evaluation's numbers to <output_dir>/train_log.jsonl."""
 
-    kind = "observer"
-
-    def __init__(self, options: Options, ctx: RunContext) -> None:
+    def __init__(self, options: Options, ctx: Context) -> None:
         super().__init__(options, ctx)
         self.path: Path = ctx.output_dir / "train_log.jsonl"
 
-    @hookimpl
-    def on_train_start(self, start_step: int) -> None:
+    def on_train_start(self, start_step: int, max_steps: int) -> None:
         """On resumption, drop records of steps after the checkpoint: they are about to be redone (all of them when
         the run starts afresh, and a last line a kill tore)."""
-        if self.ctx.rank == 0 and self.path.exists():
+        if self.ctx.is_main and self.path.exists():
             kept = [r for r in read_records(self.path) if start_step > 0 and r["step"] <= start_step]
             atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self.ctx.rank == 0:
+        if self.ctx.is_main:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    @hookimpl
     def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
         self._write({"step": step, "time": time.time(), "loss": loss, **stats})
 
-    @hookimpl
-    def on_eval_end(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def on_eval_end(self, step: int, split: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
         self._write({"step": step, "time": time.time(), "split": split, **metrics})
 
 

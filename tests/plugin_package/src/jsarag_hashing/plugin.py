@@ -2,6 +2,7 @@
 
 Passages and queries become unit-normalised hashed bag-of-words vectors; the query side goes through a trainable
 linear map (initialised to the identity), the passage side is fixed and indexed by whatever index the recipe picks.
+It works as the prior, as the posterior (a second instance reading x [SEP] y) and with every estimator.
 """
 from __future__ import annotations
 
@@ -13,18 +14,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from jsarag import hookimpl
-from jsarag.components import Component, Options, RunContext, Trainable
-from jsarag.data import render_query
-from jsarag.passages import build_or_load
-from jsarag.types import Batch, Candidates
+from jsarag.api import Context, Options, PassageIndex, Retriever, Trainable, hookimpl
 
 
 class HashingOptions(Options):
     dim: int = Field(256, ge=8)
     """Hash buckets (vector size)."""
-    top_k: int = Field(5, ge=1)
-    """Candidates per example in training."""
     temperature: float = Field(0.1, gt=0)
     """Logits are cosine / temperature."""
     lr: float = Field(1e-3, ge=0)
@@ -40,31 +35,33 @@ def hashed_bow(texts: list[str], dim: int) -> np.ndarray:
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
 
 
-class HashingRetriever(Component):
-    kind = "retriever"
+class HashingRetriever(Retriever):
     Options = HashingOptions
 
-    def __init__(self, options: HashingOptions, ctx: RunContext) -> None:
+    def __init__(self, options: HashingOptions, ctx: Context) -> None:
         super().__init__(options, ctx)
-        self.index = ctx.components["index"]
-        vectors = build_or_load(ctx, self.index, self.index.folder, f"hashing-{options.dim}",
-                                lambda texts: hashed_bow(texts, options.dim), batch_size=256)
-        self.passages = torch.from_numpy(np.array(vectors))  # (P, dim)
+        self.passages = ctx.passage_index(f"hashing-{options.dim}", lambda texts: hashed_bow(texts, options.dim),
+                                          batch_size=256)
         self.query_map = torch.nn.Linear(options.dim, options.dim, bias=False)
         torch.nn.init.eye_(self.query_map.weight)
 
     def trainable(self) -> dict[str, Trainable]:
-        return {"hashing_query": Trainable(self.query_map, self.options.lr)}
+        return {"query_map": Trainable(self.query_map, self.options.lr)}
 
-    @hookimpl
-    def retrieve(self, batch: Batch, train: bool) -> Candidates:
-        texts = [render_query(ex, self.ctx.recipe.data.max_history_turns) for ex in batch.examples]
-        queries = F.normalize(self.query_map(torch.from_numpy(hashed_bow(texts, self.options.dim))), dim=-1)
-        k = self.options.top_k if train else self.ctx.recipe.eval.top_k
-        _, rows = self.index.search(queries.detach().numpy(), min(k, len(self.passages)))
-        rows = torch.from_numpy(rows).long()  # (B, k)
-        logits = torch.einsum("bd,bkd->bk", queries, self.passages[rows]) / self.options.temperature
-        return Candidates(rows=rows, prior_logits=logits)
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.query_map(torch.from_numpy(hashed_bow(texts, self.options.dim))), dim=-1)  # (B, d)
+
+    def search(self, queries: torch.Tensor, k: int, train: bool) -> torch.Tensor:
+        _, rows = self.passages.search(queries.detach().numpy(), k)
+        return torch.from_numpy(rows).long()  # (B, k)
+
+    def score(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        vectors = torch.from_numpy(self.passages.vectors_of(rows.numpy()))  # (B, C, d)
+        logits = torch.einsum("bd,bcd->bc", queries, vectors) / self.options.temperature
+        return logits.masked_fill(rows < 0, float("-inf"))  # (B, C)
+
+    def passage_index(self) -> PassageIndex:
+        return self.passages
 
 
 @hookimpl

@@ -66,7 +66,7 @@ def compare(folders: list[Path], plot: Path | None = None) -> str:
     """Return the comparison table of run folders; with ``plot``, also draw the bar chart there."""
     results = [load_result(folder) for folder in folders]
     if plot is not None:
-        from jsarag.plots import metrics_bar_chart
+        from jsarag.tools.plots import metrics_bar_chart
 
         multi = len({split for r in results for split in r.splits}) > 1
         bars = {f"{r.label} {split}" if multi else r.label: values

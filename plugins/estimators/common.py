@@ -1,21 +1,7 @@
-"""Small tensor helpers shared by estimators: per-pair values into (B, C) matrices, and back."""
+"""Small tensor helpers shared by the built-in estimators (a third-party estimator may import them too)."""
 from __future__ import annotations
 
 import torch
-
-from jsarag.types import Candidates, ScoreRequest
-
-
-def scatter_scores(values: torch.Tensor, request: ScoreRequest, candidates: Candidates) -> torch.Tensor:
-    """(B, C) matrix of per-pair values (N,), -inf where a slot was not scored."""
-    out = torch.full(candidates.rows.shape, float("-inf"), device=values.device, dtype=values.dtype)
-    return out.index_put((request.example.to(values.device), request.slot.to(values.device)), values)
-
-
-def request_for(mask: torch.Tensor, grad: bool) -> ScoreRequest:
-    """A request for every (example, slot) where ``mask`` (B, C) is true."""
-    example, slot = mask.nonzero(as_tuple=True)
-    return ScoreRequest(example=example.cpu(), slot=slot.cpu(), grad=grad)
 
 
 def masked_log_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

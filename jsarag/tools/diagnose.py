@@ -4,56 +4,42 @@ The recipe's models are built as they are (no training step, no DeepSpeed engine
 and one batch is fixed: the first ``train.batch_size`` examples of the train split. The ``exact`` estimator gives the
 reference gradient g of ``-log p(y|x)`` over the whole KB (plus the inclusive KL for the posterior). Each estimator
 under study runs N independent draws (``torch.manual_seed(train.seed + draw)``, its state reset, so a sampler's
-cache starts empty each time) through the same hook points as a training step (``jsarag.loop._micro_step``), and its
+cache starts empty each time) through the same hook points as a training step (``jsarag.loop.micro_step``), and its
 gradient g_i is taken with plain autograd for each trainable module (``generator``, ``prior``, ``posterior``, ...):
 
     bias              = ‖mean_i g_i - g‖ / ‖g‖      (Monte-Carlo noise adds about bias_noise_floor = sqrt(rel. var / N))
     relative_variance = Σ_i ‖g_i - mean g‖² / (N - 1) / ‖g‖²
     cost_tokens       = padded tokens through the generator per draw (forwards with and without gradient)
 
-Candidate sets: ``exact`` scores every passage (``candidates: all``). Every other estimator is measured under the
-recipe's own ``retriever.candidates`` mode, as it would train: one without ``needs_posterior`` (rag) sees the prior's
-top-k only; one with it (vrag, jsa) the union with the posterior's top-k. ``retriever.candidates=all`` measures all of
-them over the whole KB (the estimators' own bias, without truncation). rag and vrag optimise other objectives than
-``log p(y|x)`` (the top-K marginal, the ELBO): their bias is by design, and reported as such.
+Candidate sets: ``exact`` scores every passage (``candidates.mode: all``). Every other estimator is measured under the
+recipe's own ``candidates.mode``, as it would train: one without ``needs_posterior`` (rag) sees the prior's top-k only;
+one with it (vrag, jsa) the union with the posterior's top-k. ``candidates.mode=all`` measures all of them over the
+whole KB (the estimators' own bias, without truncation). rag and vrag optimise other objectives than ``log p(y|x)``
+(the top-K marginal, the ELBO): their bias is by design, and each estimator's declared ``objective`` says so.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import yaml
 from pydantic import ValidationError
 
-from jsarag.components import Component, Options
-from jsarag.data import Example, default_data_dir, load_examples, split_path
+from jsarag.api import Batch, Estimator, EstimatorOptions, Example, Generator, Options
 from jsarag.errors import DataError, RecipeError
-from jsarag.kb import load_kb
 from jsarag.plugins import Plugins
 from jsarag.recipe import ComponentSpec, DeepSpeedSection, Recipe, load_recipe, parse_yaml
-from jsarag.types import Batch
 
 if TYPE_CHECKING:
     from jsarag.run import Run
 
-REFERENCE = "exact"
-TARGETS = {  # what each built-in estimator's gradient estimates, and so which bias against the exact one to expect
-    "exact": "the reference: -log p(y|x) over all of K, inclusive KL(p(h|x,y) ‖ q) for the posterior",
-    "rag": "the top-K marginal -log Σ_{h∈top-K} p̃(h|x) p(y|x,h), another objective: bias against the exact "
-           "gradient is by design (passages outside the top-K are ignored); the posterior is not trained",
-    "rag_token": "the per-token top-K marginal, another objective: bias is by design; the posterior is not trained",
-    "vrag": "the ELBO over the posterior's top-K (a lower bound; q follows the exclusive KL), another objective: "
-            "bias is by design",
-    "jsa": "the exact gradients (marginal likelihood, inclusive KL) over its candidate set, by a finite MIS chain: "
-           "bias only from candidates outside that set and from the chain's start (no burn-in), shrinking with m",
-}
+REFERENCE = "exact"  # the estimator whose gradient the others are compared with (every passage scored)
 Groups = dict[str, list[torch.nn.Parameter]]  # trainable module name -> its parameters that need gradient
 
 
@@ -126,7 +112,7 @@ def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws
     if sweep is None:
         print(markdown(report))
     else:
-        from jsarag.plots import gradient_sweep_plots
+        from jsarag.tools.plots import gradient_sweep_plots
 
         print("\n\n".join(f"### step {entry['step']}\n\n" + markdown(entry) for entry in report["steps"]))
         for plot in gradient_sweep_plots(path.with_suffix(""), report):
@@ -138,14 +124,15 @@ def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws
 def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int,
               sweep: list[tuple[int, Path]] | None = None) -> dict:
     """Build the run once; measure every study at the models as built, or at each (step, checkpoint) of ``sweep``."""
-    from jsarag.run import build_run
+    from jsarag.engine import module_tree
+    from jsarag.run import build_run, trainables
 
-    run = build_run(reference_recipe(recipe, reference.options), train=False)
+    run = build_run(reference_recipe(recipe, reference.options), engine=False)
     groups = trainable_groups(run)
     examples = fixed_batch(recipe, run)
     if sweep is None:
         return study_once(recipe, run, reference, studies, draws, groups, examples)
-    modules = torch.nn.ModuleDict({n: t.module for c in run.components.values() for n, t in c.trainable().items()})
+    modules = module_tree(trainables(run))  # the engine's module tree: the keys of its checkpoints
     initial = {k: v.detach().clone() for k, v in modules.state_dict().items()}
     steps = []
     for step, folder in [(0, None), *sweep]:
@@ -186,15 +173,16 @@ def load_weights(modules: torch.nn.ModuleDict, folder: Path | None, initial: dic
 def study_once(recipe: Recipe, run: Run, reference: Study, studies: list[Study], draws: int, groups: Groups,
                examples: list[Example]) -> dict:
     """Take the exact gradient at the run's current weights and measure every study against it."""
-    mode = recipe.retriever.options.candidates
-    exact = measure(run, run.components["estimator"], REFERENCE, examples, groups, 1, "all", recipe.train.seed)
+    mode = recipe.candidates.mode
+    exact = measure(run, run.estimator, examples, groups, 1, "all", recipe.train.seed)
     gradient = {name: m.mean for name, m in exact.moments.items()}
     results = {}
     for study in studies:
-        estimator = run.plugins.component("estimator", study.name).cls(study.options, run.ctx)
+        estimator = run.new_estimator(study.name, study.options)
         study_mode = "all" if study.name == REFERENCE else mode
-        measured = measure(run, estimator, study.name, examples, groups, draws, study_mode, recipe.train.seed)
-        results[study.label] = summarise(study, measured, gradient, describe_mode(run, study_mode, estimator))
+        measured = measure(run, estimator, examples, groups, draws, study_mode, recipe.train.seed)
+        results[study.label] = summarise(study, estimator, measured, gradient,
+                                         describe_mode(run, study_mode, estimator))
         results[study.label]["target"] += likelihood_note(study, reference)
     settings = describe_settings(recipe, run, reference, examples, groups, draws, exact)
     return {"settings": settings, "exact_norms": {g: float(v.norm()) for g, v in gradient.items()},
@@ -242,7 +230,7 @@ def estimator_options(name: str, label: str, given: dict[str, Any], recipe: Reci
     """The recipe's options when it uses this estimator (else defaults), its likelihood, then ``LABEL.key`` options."""
     schema = plugins.component("estimator", name).cls.Options
     values = recipe.estimator.options.model_dump(exclude_unset=True) if recipe.estimator.name == name else {}
-    if "likelihood" in schema.model_fields:
+    if issubclass(schema, EstimatorOptions):
         values.setdefault("likelihood", likelihood_of(recipe))
     values.update(given)
     try:
@@ -258,7 +246,7 @@ def estimator_options(name: str, label: str, given: dict[str, Any], recipe: Reci
 
 def likelihood_note(study: Study, reference: Study) -> str:
     """A warning when an estimator scores answers with another likelihood than the exact reference."""
-    mine, exact = getattr(study.options, "likelihood", None), getattr(reference.options, "likelihood", "sum")
+    mine, exact = _likelihood(study.options), _likelihood(reference.options)
     if mine is None or mine == exact:
         return ""
     return f" (NB: likelihood {mine} against the reference's {exact}: another objective, bias expected)"
@@ -266,104 +254,71 @@ def likelihood_note(study: Study, reference: Study) -> str:
 
 def likelihood_of(recipe: Recipe) -> str:
     """The recipe estimator's generator likelihood ('sum' or 'mean'), shared by every estimator measured."""
-    return str(getattr(recipe.estimator.options, "likelihood", "sum"))
+    return _likelihood(recipe.estimator.options) or "sum"
+
+
+def _likelihood(options: Options) -> str | None:
+    """An estimator's likelihood option, None for one that takes no sum/mean choice."""
+    return options.likelihood if isinstance(options, EstimatorOptions) else None
 
 
 # -- the run --------------------------------------------------------------------------------------------------------
 
 def check_kb_size(recipe: Recipe, exact_options: Options) -> None:
-    """Refuse, before building anything, a KB too large for the exact gradient."""
+    """Refuse, before building anything, a KB too large for the exact gradient (``exact.max_passages``)."""
+    from jsarag.data import default_data_dir, split_path
+    from jsarag.kb import load_kb
+
     kb = load_kb(split_path(recipe.data.dir or default_data_dir(), "passages"))
-    limit = getattr(exact_options, "max_passages", None)
-    if limit is not None and len(kb) > limit:
+    if len(kb) > exact_options.max_passages:
         raise RecipeError(
             f"diagnose grad-variance compares with the exact gradient, which scores every passage for every example: "
-            f"the KB {kb.path} has {len(kb)} passages > exact.max_passages={limit}; point data.dir at a small KB "
-            f"(a few dozen passages) or raise the bound with exact.max_passages={len(kb)}"
-        )
+            f"the KB {kb.path} has {len(kb)} passages > exact.max_passages={exact_options.max_passages}; point "
+            f"data.dir at a small KB (a few dozen passages: jsarag data subset) or raise the bound with "
+            f"exact.max_passages={len(kb)}")
 
 
 def reference_recipe(recipe: Recipe, exact_options: Options) -> Recipe:
-    """The recipe with the exact estimator (so the retriever builds a posterior) and every passage a candidate."""
-    retriever = recipe.retriever.options
-    if "candidates" not in type(retriever).model_fields:
-        raise RecipeError(f"retriever '{recipe.retriever.name}' has no `candidates: all` mode; diagnose grad-variance "
-                          "needs one to score the whole KB (use the dense retriever)")
-    every_passage = retriever.model_copy(update={"candidates": "all"})
+    """The recipe with the exact estimator (so the run builds a posterior) and every passage a candidate."""
+    every_passage = recipe.candidates.model_copy(update={"mode": "all"})
     return recipe.model_copy(update={"estimator": ComponentSpec(name=REFERENCE, options=exact_options),
-                                     "retriever": ComponentSpec(name=recipe.retriever.name, options=every_passage),
+                                     "candidates": every_passage,
                                      # one process, no engine: ZeRO-3 would leave the models partitioned and unhooked
                                      "deepspeed": DeepSpeedSection(config="zero0.json")})
 
 
 def trainable_groups(run: Run) -> Groups:
-    """Every trainable module's parameters by module name, all modules in eval mode (no dropout)."""
+    """Every trainable module's parameters by label (the role, or role.name when a role trains several modules),
+    all modules in eval mode (no dropout)."""
+    from jsarag.run import trainables
+
     groups: Groups = {}
-    for component in run.components.values():
-        for name, trainable in component.trainable().items():
+    for role, modules in trainables(run).items():
+        for name, trainable in modules.items():
             trainable.module.eval()
-            params = [p for p in trainable.module.parameters() if p.requires_grad]
-            if params:
-                groups[name] = params
-    if not groups:
-        raise RecipeError("nothing to measure: every component has learning rate 0")
+            groups[role if len(modules) == 1 else f"{role}.{name}"] = [p for p in trainable.module.parameters()
+                                                                       if p.requires_grad]
     return groups
 
 
 def fixed_batch(recipe: Recipe, run: Run) -> list[Example]:
     """The first ``train.batch_size`` examples of the train split."""
-    data_dir = recipe.data.dir or default_data_dir()
-    examples = load_examples(split_path(data_dir, recipe.data.train_split), run.ctx.kb,
-                             drop_unanswerable=recipe.data.drop_unanswerable, on_error=recipe.data.on_error)
-    size = recipe.train.batch_size
+    examples, size = run.train_set, recipe.train.batch_size
     if len(examples) < size:
         raise DataError(f"{examples.path}: {len(examples)} examples cannot fill a batch of train.batch_size={size}")
     return list(examples[:size])
 
 
-@contextlib.contextmanager
-def estimator_in_run(run: Run, estimator: Component, name: str) -> Iterator[None]:
-    """Make ``estimator`` the run's estimator (in its hook calls and components) for the duration."""
-    previous = run.components["estimator"]
-    previous_name = run.plugins.pm.get_name(previous)
-    run.plugins.pm.unregister(name=previous_name)
-    run.plugins.join(estimator, "estimator", name)
-    run.components["estimator"] = run.ctx.components["estimator"] = estimator
-    try:
-        yield
-    finally:
-        run.plugins.pm.unregister(name=f"estimator:{name}")
-        run.plugins.pm.register(previous, name=previous_name)
-        run.components["estimator"] = run.ctx.components["estimator"] = previous
-
-
-@contextlib.contextmanager
-def candidate_mode(retriever: Component, mode: str, posterior: bool) -> Iterator[None]:
-    """Let the retriever propose ``mode`` candidates, with the posterior's only when the estimator needs one."""
-    saved = {attr: getattr(retriever, attr) for attr in ("posterior", "with_posterior") if hasattr(retriever, attr)}
-    previous_mode = retriever.options.candidates
-    retriever.options.candidates = mode
-    if not posterior:  # as in a run of this estimator, where the retriever builds no posterior (dense, bm25)
-        for attr in saved:
-            setattr(retriever, attr, None if attr == "posterior" else False)
-    try:
-        yield
-    finally:
-        retriever.options.candidates = previous_mode
-        for attr, value in saved.items():
-            setattr(retriever, attr, value)
-
-
 # -- measuring ------------------------------------------------------------------------------------------------------
 
-def measure(run: Run, estimator: Component, name: str, examples: list[Example], groups: Groups, draws: int,
-            mode: str, seed: int) -> Measured:
+def measure(run: Run, estimator: Estimator, examples: list[Example], groups: Groups, draws: int, mode: str,
+            seed: int) -> Measured:
     """Run ``draws`` independent micro-steps of ``estimator`` and fold their gradients into moments."""
     measured = Measured(moments={group: Moments() for group in groups})
     initial = estimator.state_dict()
-    generator = run.components["generator"]
-    posterior = bool(getattr(estimator, "needs_posterior", False))
-    with estimator_in_run(run, estimator, name), candidate_mode(run.components["retriever"], mode, posterior):
+    generator = run.generator
+    candidates = run.candidates_config.model_copy(update={"mode": mode})
+    with run.using(estimator=estimator, candidates=candidates):
         measured.candidates_per_example = candidate_count(run, examples)
         for draw in range(draws):
             estimator.load_state_dict(initial)
@@ -382,9 +337,9 @@ def measure(run: Run, estimator: Component, name: str, examples: list[Example], 
 
 def draw_gradient(run: Run, examples: list[Example], groups: Groups) -> tuple[dict[str, torch.Tensor], dict]:
     """One micro-step's loss through the four hooks; each group's gradient flattened (float64, CPU), the stats."""
-    from jsarag.loop import _micro_step
+    from jsarag.loop import micro_step
 
-    result = _micro_step(run, Batch(examples=list(examples), positions=list(range(len(examples)))))
+    result = micro_step(run, Batch(examples=list(examples), positions=list(range(len(examples)))))
     params = [p for group in groups.values() for p in group]
     if result.loss.requires_grad:
         grads = torch.autograd.grad(result.loss, params, allow_unused=True)
@@ -398,28 +353,29 @@ def draw_gradient(run: Run, examples: list[Example], groups: Groups) -> tuple[di
     return flat, dict(result.stats)
 
 
-def token_counts(generator: Component) -> tuple[int, int]:
+def token_counts(generator: Generator) -> tuple[int, int]:
     """Padded tokens the generator has scored so far: in all, and in forwards with gradient (0, 0 if not counted)."""
-    return getattr(generator, "tokens_scored", 0), getattr(generator, "tokens_with_grad", 0)
+    return generator.tokens()
 
 
 @torch.no_grad()
 def candidate_count(run: Run, examples: list[Example]) -> float:
     """Mean number of candidate passages per example in the current mode."""
-    candidates = run.call("retrieve", batch=Batch(list(examples), list(range(len(examples)))), train=True)
+    candidates = run.retrieve(Batch(list(examples), list(range(len(examples)))))
     return float(candidates.mask.sum(-1).float().mean())
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
 
-def summarise(study: Study, measured: Measured, exact: dict[str, torch.Tensor], candidates: str) -> dict:
+def summarise(study: Study, estimator: Estimator, measured: Measured, exact: dict[str, torch.Tensor],
+              candidates: str) -> dict:
     """The report entry of one estimator: per group bias, relative variance, norms and cost."""
     cost = mean(measured.tokens) if any(measured.tokens) else None
     stats = {k: mean([s[k] for s in measured.stats if k in s]) for k in sorted({k for s in measured.stats for k in s})}
     return {
         "estimator": study.name,
         "options": study.options.model_dump(mode="json"),
-        "target": TARGETS.get(study.name, "see the estimator plugin's documentation"),
+        "target": estimator.objective or "(the estimator declares no objective)",
         "candidates": candidates,
         "candidates_per_example": measured.candidates_per_example,
         "cost_tokens": cost,
@@ -450,14 +406,14 @@ def group_summary(moments: Moments, exact: torch.Tensor, cost: float | None) -> 
     }
 
 
-def describe_mode(run: Run, mode: str, estimator: Component) -> str:
+def describe_mode(run: Run, mode: str, estimator: Estimator) -> str:
     """The candidate set an estimator is measured over, in words."""
     if mode == "all":
         return f"all {len(run.ctx.kb)} passages"
-    options = run.components["retriever"].options
-    text = f"prior top-{getattr(options, 'top_k', '?')}"
-    if getattr(estimator, "needs_posterior", False):
-        text += f" ∪ posterior top-{getattr(options, 'posterior_top_k', '?')}"
+    config = run.candidates_config
+    text = f"prior top-{config.prior_top_k}"
+    if estimator.needs_posterior:
+        text += f" ∪ posterior top-{config.posterior_top_k}"
     return text
 
 
@@ -472,8 +428,8 @@ def describe_settings(recipe: Recipe, run: Run, reference: Study, examples: list
         "seed": recipe.train.seed,
         "kb_size": len(run.ctx.kb),
         "kb": str(run.ctx.kb.path),
-        "likelihood": getattr(reference.options, "likelihood", "sum"),
-        "recipe_candidates": recipe.retriever.options.candidates,
+        "likelihood": _likelihood(reference.options) or "sum",
+        "recipe_candidates": recipe.candidates.mode,
         "reference": {"estimator": REFERENCE, "candidates": f"all {len(run.ctx.kb)} passages",
                       "cost_tokens": mean(exact.tokens) or None, "stats": exact.stats[0]},
         "groups": {name: sum(p.numel() for p in params) for name, params in groups.items()},
@@ -481,7 +437,7 @@ def describe_settings(recipe: Recipe, run: Run, reference: Study, examples: list
         "method": [
             "one model state (the recipe's models as built, eval mode: no dropout) and one batch (the first "
             "train.batch_size examples of the train split)",
-            "exact: every passage a candidate; other estimators: the recipe's retriever.candidates mode, with the "
+            "exact: every passage a candidate; other estimators: the recipe's candidates.mode, with the "
             "posterior's candidates only for estimators that need a posterior (as in a run of that estimator)",
             "draw d seeds torch with train.seed + d and starts from the estimator's initial state (an empty cache)",
             "gradients by torch.autograd.grad per trainable module; variance with N - 1 in the denominator",

@@ -117,18 +117,24 @@ def recall(rows: np.ndarray, exact: np.ndarray, k: int) -> tuple[float, float]:
 def _ctx(workdir: Path):
     import torch
 
-    from jsarag.components import RunContext
+    from jsarag.api import Context
 
-    return RunContext(recipe=None, kb=None, output_dir=workdir, cache_dir=workdir, device=torch.device("cpu"))
+    return Context(role="index", kb=None, output_dir=workdir, cache_dir=workdir, device=torch.device("cpu"))
+
+
+def _index_class(name: str):
+    """A registered index plugin's class (the benchmark measures plugins as recipes pick them)."""
+    from jsarag.plugins import get_plugins
+
+    return get_plugins().component("index", name).cls
 
 
 def bench_faiss(kind: str, vectors: np.ndarray, queries: np.ndarray, exact: np.ndarray, args) -> Row:
     """The ``faiss`` component against raw faiss.index_factory calls with the same string, sample and knobs."""
     import faiss
 
-    from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
-
-    options = FaissOptions(type=kind.removesuffix("_fp16"), float16=kind.endswith("_fp16"), nprobe=args.nprobe,
+    FaissIndex = _index_class("faiss")  # noqa: N806 - a class
+    options = FaissIndex.Options(type=kind.removesuffix("_fp16"), float16=kind.endswith("_fp16"), nprobe=args.nprobe,
                            ef_search=args.ef_search)
     component = FaissIndex(options, _ctx(args.workdir))
     started = time.perf_counter()
@@ -164,9 +170,8 @@ def bench_torch_exact(vectors: np.ndarray, queries: np.ndarray, exact: np.ndarra
     """The ``torch_exact`` component (one rank) against a raw torch matmul + topk on the same matrix."""
     import torch
 
-    from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
-
-    component = TorchExactIndex(TorchExactOptions(), _ctx(args.workdir))
+    TorchExactIndex = _index_class("torch_exact")  # noqa: N806 - a class
+    component = TorchExactIndex(TorchExactIndex.Options(), _ctx(args.workdir))
     started = time.perf_counter()
     component.build(vectors)
     build_s = time.perf_counter() - started
@@ -195,7 +200,6 @@ def table(rows: list[Row]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print the table (build ratio = jsarag / raw time; search ratio = raw / jsarag q/s)."""
     import faiss
-
     import torch
 
     if args.threads:

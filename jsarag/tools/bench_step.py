@@ -33,16 +33,14 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from jsarag.components import Component
-from jsarag.diagnose import (Study, candidate_mode, estimator_in_run, estimator_options, parse_estimators,
-                             split_overrides)
+from jsarag.api import Batch, Estimator
 from jsarag.errors import RecipeError
 from jsarag.plugins import Plugins
 from jsarag.recipe import ComponentSpec, load_recipe
-from jsarag.types import Batch
+from jsarag.tools.diagnose import Study, estimator_options, parse_estimators, split_overrides
 
 DEFAULT_ESTIMATORS = "jsa,jsa_single:jsa,rag,vrag,floor:supervised"
-PAPER_SETTING = ["retriever.top_k=10", "retriever.posterior_top_k=10", "retriever.candidates=topk",
+PAPER_SETTING = ["candidates.prior_top_k=10", "candidates.posterior_top_k=10", "candidates.mode=topk",
                  "train.grad_accum=1"]  # k_p = k_q = 10; one micro-batch per step
 DEFAULT_OPTIONS = {"jsa": {"proposals": 50}, "jsa_single": {"proposals": 50, "grad_pass": "single"},
                    "vrag": {"top_k": 10}}  # by label; `LABEL.key=value` arguments override them
@@ -53,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=Path("recipes/dialog_jsa.yaml"), help="recipe: models, data")
     parser.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                         help="comma-separated; LABEL:NAME measures one twice, LABEL.key=value sets its options")
+    parser.add_argument("--baseline", default="rag", help="label of the estimator the others' time is divided by")
+    parser.add_argument("--floor", default="floor", help="label of the one-passage floor (× floor column)")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (one step per estimator each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--out", type=Path, help="JSON report (default: <output_dir>/step_cost.json)")
@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                                                     recipe, plugins)) for label, name in pairs]
     if args.rounds < 1 or args.warmup < 0:
         raise RecipeError("--rounds must be >= 1 and --warmup >= 0")
-    base = next((s for s in studies if getattr(plugins.component("estimator", s.name).cls, "needs_posterior", False)),
+    base = next((s for s in studies if plugins.component("estimator", s.name).cls.needs_posterior),
                 studies[0])  # built with a posterior when any estimator needs one
     run = build_run(recipe.model_copy(update={"estimator": ComponentSpec(name=base.name, options=base.options)}))
     if run.ctx.world_size > 1:
@@ -100,14 +100,14 @@ def main(args: argparse.Namespace) -> int:
 
 def measure(run: Any, studies: list[Study], rounds: int, warmup: int) -> dict[str, Costs]:
     """Run ``warmup + rounds`` rounds of one optimizer step per estimator on a shared batch; keep the timed ones."""
-    from jsarag.loop import LoopState, _next_batch
+    from jsarag.loop import LoopState, next_batch
 
-    estimators = {s.label: run.plugins.component("estimator", s.name).cls(s.options, run.ctx) for s in studies}
+    estimators = {s.label: run.new_estimator(s.name, s.options) for s in studies}
     costs = {s.label: Costs() for s in studies}
     state = LoopState()
     run.engine.train()
     for round_ in tqdm(range(warmup + rounds), desc="step-cost rounds", unit="round", mininterval=5):
-        batch = _next_batch(run, state)
+        batch = next_batch(run, state)
         shift = round_ % len(studies)
         for study in studies[shift:] + studies[:shift]:
             figures = timed_step(run, estimators[study.label], study, batch)
@@ -117,24 +117,22 @@ def measure(run: Any, studies: list[Study], rounds: int, warmup: int) -> dict[st
     return costs
 
 
-def timed_step(run: Any, estimator: Component, study: Study, batch: Batch) -> dict[str, Any]:
+def timed_step(run: Any, estimator: Estimator, study: Study, batch: Batch) -> dict[str, Any]:
     """One optimizer step of ``estimator`` on ``batch``: its seconds, generator tokens, peak memory and stats."""
-    from jsarag.loop import _micro_step
+    from jsarag.loop import micro_step
 
-    generator = run.components["generator"]
-    posterior = bool(getattr(estimator, "needs_posterior", False))
-    fresh = Batch(examples=batch.examples, positions=batch.positions)  # extra rows are the estimator's own
-    before = (getattr(generator, "tokens_scored", 0), getattr(generator, "tokens_with_grad", 0))
-    with estimator_in_run(run, estimator, study.name), candidate_mode(run.components["retriever"], "topk", posterior):
+    before = run.generator.tokens()
+    with run.using(estimator=estimator):
         with peak_memory(run.ctx.device) as peak:
             started = time.perf_counter()
-            _, result = run.engine(lambda: _micro_step(run, fresh))
+            _, result = run.engine(lambda: micro_step(run, batch))
             run.engine.backward(result.loss)
             run.engine.step()
             _synchronize(run.ctx.device)
             seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": generator.tokens_scored - before[0],
-            "tokens_with_grad": generator.tokens_with_grad - before[1], "peak_mib": peak[0], "stats": result.stats}
+    after = run.generator.tokens()
+    return {"seconds": seconds, "tokens": after[0] - before[0], "tokens_with_grad": after[1] - before[1],
+            "peak_mib": peak[0], "stats": result.stats}
 
 
 @contextmanager
@@ -186,8 +184,9 @@ def _synchronize(device: torch.device) -> None:
 def summarise(run: Any, studies: list[Study], costs: dict[str, Costs], args: argparse.Namespace) -> dict[str, Any]:
     """The JSON report: per estimator medians and ratios, the settings, the machine."""
     medians = {label: statistics.median(c.seconds) for label, c in costs.items()}
-    rag = next((s.label for s in studies if s.name == "rag"), None)
-    floor = next((s.label for s in studies if s.name == "supervised"), None)
+    labels = {s.label for s in studies}
+    rag = args.baseline if args.baseline in labels else None
+    floor = args.floor if args.floor in labels else None
     rows = {}
     for study in studies:
         c = costs[study.label]
@@ -208,7 +207,7 @@ def summarise(run: Any, studies: list[Study], costs: dict[str, Costs], args: arg
                                                          *args.overrides]),
         "settings": {"generator": recipe.generator.options.model, "retriever": recipe.retriever.options.model,
                      "batch_size": recipe.train.batch_size, "rounds": args.rounds, "warmup": args.warmup,
-                     "k_p": recipe.retriever.options.top_k, "k_q": recipe.retriever.options.posterior_top_k,
+                     "k_p": recipe.candidates.prior_top_k, "k_q": recipe.candidates.posterior_top_k,
                      "deepspeed": recipe.deepspeed.config, "memory": "peak above the step's start"},
         "estimators": rows,
     }

@@ -5,8 +5,8 @@ Every (dataset, estimator, seed) is one ordinary training run, started in a subp
 the config's models and knobs and the command's ``key=value`` overrides; per run the bench sets only the output
 folder, ``data.dir``, the evaluation split (``test`` where the folder has one, else ``dev``), ``train.seed`` and the
 estimator section. An estimator's options are the config's when the config names that estimator, else the plugin's
-defaults, with ``likelihood`` copied from the config's estimator (all score answers alike), ``top_k`` (VRAG's ELBO
-size) set to ``retriever.posterior_top_k`` unless given, and ``LABEL.key=value`` options on top.
+defaults, with ``likelihood`` copied from the config's estimator (all score answers alike), and ``LABEL.key=value``
+options on top.
 
 Each run folder keeps ``bench_quality.json`` (the run's merged recipe and its wall time) and ``bench_train.log`` (the
 run's output). A finished run (``metrics.json`` with a ``final`` entry) is reused; an unfinished one resumes through
@@ -112,9 +112,9 @@ def plan(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
     """Plan every run (its overrides and validated recipe) by dataset, estimator, seed; return them and the settings."""
     if args.num_gpus < 0:
         raise RecipeError(f"--num-gpus {args.num_gpus}: give 0 (one process) or a number of GPUs")
-    from jsarag.diagnose import parse_estimators, split_overrides
     from jsarag.plugins import Plugins
     from jsarag.recipe import load_recipe
+    from jsarag.tools.diagnose import parse_estimators, split_overrides
 
     plugins = Plugins()
     pairs = parse_estimators(args.estimators)
@@ -167,14 +167,10 @@ def check_labels(overrides: list[str], estimators: set[str]) -> None:
 
 def estimator_values(name: str, label: str, given: dict[str, Any], recipe: Recipe, plugins: Plugins
                      ) -> dict[str, Any]:
-    """Return an estimator's validated options as JSON values, an unset ``top_k`` set to ``posterior_top_k``."""
-    from jsarag.diagnose import estimator_options
+    """Return an estimator's validated options as JSON values."""
+    from jsarag.tools.diagnose import estimator_options
 
-    options = estimator_options(name, label, given, recipe, plugins)
-    posterior_top_k = getattr(recipe.retriever.options, "posterior_top_k", None)
-    if "top_k" in type(options).model_fields and "top_k" not in options.model_fields_set and posterior_top_k:
-        options = type(options).model_validate({**options.model_dump(), "top_k": posterior_top_k})
-    return options.model_dump(mode="json")
+    return estimator_options(name, label, given, recipe, plugins).model_dump(mode="json")
 
 
 def run_overrides(folder: Path, dataset: Dataset, seed: int, name: str, values: dict[str, Any]) -> list[str]:
@@ -483,7 +479,7 @@ def _cell(value: dict[str, Any] | None, scale: float, digits: int) -> str:
 
 def draw_chart(path: Path, report: dict[str, Any]) -> Path:
     """Draw quality.png: per dataset, each metric's mean per estimator as a bar, the spread as error bars."""
-    from jsarag.plots import quality_bar_chart
+    from jsarag.tools.plots import quality_bar_chart
 
     panels = {dataset: {label: {n: (v["mean"], v["std"]) for n, v in cells.items() if n != "wall_s"}
                         for label, cells in estimators.items()}

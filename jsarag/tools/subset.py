@@ -12,11 +12,14 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jsarag.checkpoint import atomic_write
 from jsarag.data import Example, default_data_dir, load_examples, split_path
 from jsarag.errors import DataError, RecipeError
-from jsarag.kb import KnowledgeBase, load_kb
+
+if TYPE_CHECKING:
+    from jsarag.kb import KnowledgeBase
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Write the subset and say what it holds."""
+    from jsarag.kb import load_kb  # datasets and pyarrow: only when the command runs
+
     source = args.source or default_data_dir()
     wanted = parse_splits(args.split or ["train:32", "dev:16"])
     kb = load_kb(split_path(source, "passages"))
@@ -78,7 +83,7 @@ def draw(kb: KnowledgeBase, splits: dict[str, list[Example]], wanted: dict[str, 
 
 def write(out: Path, kb: KnowledgeBase, rows: list[int], chosen: dict[str, list[Example]]) -> None:
     """Write the KB rows and the chosen examples in the shared layout."""
-    passages = "".join(json.dumps({"id": kb.ids[r], "title": kb.titles[r], "text": kb.texts[r]}) + "\n" for r in rows)
+    passages = "".join(json.dumps(vars(kb.passage(r))) + "\n" for r in rows)
     atomic_write(Path(out) / "passages.jsonl", passages)
     for name, examples in chosen.items():
         lines = "".join(json.dumps({"id": e.id, "context": list(e.context), "question": e.question, "answer": e.answer,
