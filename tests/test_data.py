@@ -260,12 +260,19 @@ def test_unreadable_files_are_data_errors(tmp_path: Path) -> None:
 
 
 def test_kb_lookup_and_render(kb: KnowledgeBase) -> None:
-    assert kb.ids == ["p0", "p1", "p2"] and len(kb) == 3
-    assert (kb.row("p2"), kb.has("p1"), kb.has("p9")) == (2, True, False)
+    assert list(kb.ids) == ["p0", "p1", "p2"] and len(kb) == 3 and len(kb.texts) == 3
+    assert (kb.row("p2"), kb.has("p1"), kb.has("p9"), kb.id(1)) == (2, True, False, "p1")
+    assert ("p1" in kb.ids, "p9" in kb.ids) == (True, False)
     assert kb.render(0) == "Duck legs are tough; confit them."
     assert kb.render(1) == "Bread: Knead the dough ten minutes."
+    assert kb.render_many([1, 0, 1]) == [kb.render(1), kb.render(0), kb.render(1)]
     assert kb.passage(1) == Passage("p1", "Bread", "Knead the dough ten minutes.")
-    assert kb.dataset[2] == PASSAGES[2]
+    assert kb.passage(2) == Passage(**PASSAGES[2])
+    assert (kb.titles[-2], kb.texts[1:], kb.ids[::2]) == ("Bread", [p["text"] for p in PASSAGES[1:]], ["p0", "p2"])
+    with pytest.raises(IndexError):
+        kb.texts[3]
+    with pytest.raises(IndexError):
+        kb.render_many([0, 3])
     with pytest.raises(DataError, match=r'passage id "p9" is not in the knowledge base .*passages.jsonl'):
         kb.row("p9")
 
@@ -291,7 +298,7 @@ def test_split_path(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [example()])
     with pytest.raises(DataError, match="both train.jsonl and train.jsonl.gz exist"):
         split_path(tmp_path, "train")
-    with pytest.raises(DataError, match="present: none"):
+    with pytest.raises(DataError, match="absent: no such folder"):
         split_path(tmp_path / "absent", "train")
 
 
