@@ -33,7 +33,7 @@ import yaml
 from pydantic import ValidationError
 
 from jsarag.components import Component, Options
-from jsarag.data import Example, default_data_dir, load_examples, split_path
+from jsarag.data import Example, load_examples
 from jsarag.errors import DataError, RecipeError
 from jsarag.kb import load_kb
 from jsarag.plugins import Plugins
@@ -273,7 +273,7 @@ def likelihood_of(recipe: Recipe) -> str:
 
 def check_kb_size(recipe: Recipe, exact_options: Options) -> None:
     """Refuse, before building anything, a KB too large for the exact gradient."""
-    kb = load_kb(split_path(recipe.data.dir or default_data_dir(), "passages"))
+    kb = load_kb(recipe.data.kb_source())
     limit = getattr(exact_options, "max_passages", None)
     if limit is not None and len(kb) > limit:
         raise RecipeError(
@@ -312,8 +312,7 @@ def trainable_groups(run: Run) -> Groups:
 
 def fixed_batch(recipe: Recipe, run: Run) -> list[Example]:
     """The first ``train.batch_size`` examples of the train split."""
-    data_dir = recipe.data.dir or default_data_dir()
-    examples = load_examples(split_path(data_dir, recipe.data.train_split), run.ctx.kb,
+    examples = load_examples(recipe.data.split_source(recipe.data.train_split), run.ctx.kb,
                              drop_unanswerable=recipe.data.drop_unanswerable, on_error=recipe.data.on_error)
     size = recipe.train.batch_size
     if len(examples) < size:

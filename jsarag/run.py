@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from jsarag.components import Component, RunContext, Trainable
-from jsarag.data import ExampleSet, default_data_dir, load_examples, split_path
+from jsarag.data import ExampleSet, default_data_dir, load_examples
 from jsarag.engine import build_engine, init_distributed, load_ds_config
 from jsarag.errors import RecipeError
 from jsarag.kb import load_kb
@@ -56,7 +56,7 @@ def build_run(recipe: Recipe, train: bool = True, kinds: tuple[str, ...] = BUILD
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     seed_everything(recipe.train.seed)
     data_dir = recipe.data.dir or default_data_dir()
-    kb = load_kb(split_path(data_dir, "passages"))
+    kb = load_kb(recipe.data.kb_source())
     output_dir = recipe.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train, output_dir)
@@ -96,5 +96,5 @@ def _trainables(components: dict[str, Component]) -> dict[str, Trainable]:
 
 
 def _examples(data_dir: Path, split: str, kb, recipe: Recipe) -> ExampleSet:
-    return load_examples(split_path(data_dir, split), kb, drop_unanswerable=recipe.data.drop_unanswerable,
+    return load_examples(recipe.data.split_source(split), kb, drop_unanswerable=recipe.data.drop_unanswerable,
                          on_error=recipe.data.on_error)

@@ -144,6 +144,8 @@ def test_any_examples_file_loads_or_is_a_data_error(kb, content: bytes, form: st
 # Recipes
 
 RECIPE_KEYS = ["output_dir", "resume", "data", "data.dir", "data.on_error", "data.eval_splits", "data.train_split",
+               "data.passages", "data.passages.fields", "data.passages.fields.text", "data.examples", "data.splits",
+               "data.splits.dev", "data.splits.dev.path", "data.fields", "data.fields.answer",
                "retriever", "retriever.name", "retriever.top_k", "retriever.temperature", "retriever.dir",
                "index", "index.name", "index.dir", "index.type", "generator", "generator.lora", "generator.lr",
                "generator.max_prompt_tokens", "estimator", "estimator.name", "observers", "train", "train.max_steps",
