@@ -268,8 +268,6 @@ def _convert_locked(records: JsonLines | DatasetRows, root: Path, which: str, fo
 
 def _convert(records: JsonLines | DatasetRows, root: Path, folder: Path) -> None:
     """Check and write the passages into a temporary folder, then rename it to ``folder``."""
-    from jsarag.checkpoint import fsync_dir
-
     _, state = records.identity()
     try:
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{folder.name}-"))
@@ -288,16 +286,24 @@ def _convert(records: JsonLines | DatasetRows, root: Path, folder: Path) -> None
                     slots=len(slots), batch_rows=BATCH_ROWS)
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
         for name in ("passages.arrow", "slots.npy", "meta.json"):
-            with open(tmp / name, "rb") as written:
-                os.fsync(written.fileno())
+            _fsync(tmp / name)
         mask = os.umask(0o022)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the cache is for every reader
         os.rename(tmp, folder)
-        fsync_dir(root)
+        _fsync(root)  # the rename survives a power cut
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (as jsarag.checkpoint does, without importing torch)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
