@@ -1,0 +1,1 @@
+"""Data tools of the ``jsarag data`` commands."""
