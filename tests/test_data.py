@@ -662,3 +662,28 @@ def test_missing_data_dir_says_the_folder_is_missing(tmp_path: Path) -> None:
 def test_unknown_key_in_a_split_source_gets_a_close_match(tiny_recipe) -> None:
     with pytest.raises(RecipeError, match=r"data.splits.dev.feilds: unknown key; did you mean 'data.splits.dev.fields'"):
         load_recipe(tiny_recipe(data={"splits": {"dev": {"path": "d.csv", "feilds": {}}}}))
+
+
+def test_a_run_reads_its_data_from_sources_and_counts_duplicate_texts(tiny_data: Path, tiny_recipe,
+                                                                      tmp_path: Path) -> None:
+    passages = [json.loads(line) for line in (tiny_data / "passages.jsonl").read_text().splitlines()]
+    copy = {**passages[0], "id": "copy-of-0"}  # the same text under another id
+    pq.write_table(pa.Table.from_pylist([*passages, copy]), tmp_path / "kb.parquet")
+    dev = [json.loads(line) for line in (tiny_data / "dev.jsonl").read_text().splitlines()]
+    pq.write_table(pa.table({"q": [e["question"] for e in dev], "a": [e["answer"] for e in dev],
+                             "gold": [e["gold_passage_ids"] for e in dev]}), tmp_path / "dev.parquet")
+    data = {"passages": str(tmp_path / "kb.parquet"),
+            "splits": {"dev": {"path": str(tmp_path / "dev.parquet"),
+                               "fields": {"id": None, "context": None, "question": "q", "answer": "a",
+                                          "gold_passage_ids": "gold"}}}}
+    script = ("import json, sys; from jsarag.recipe import load_recipe; from jsarag.run import build_run; "
+              "from jsarag.loop import counters; "
+              "run = build_run(load_recipe(sys.argv[1], []), train=False, kinds=('estimator',)); "
+              "print(json.dumps([len(run.ctx.kb), len(run.eval_sets['dev']), counters(run)['data']]))")
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_recipe(data=data))], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kb_size, dev_size, counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (kb_size, dev_size) == (len(passages) + 1, sum(e["answer"] != UNANSWERABLE for e in dev))
+    assert counts["kb_duplicate_texts"] == 1 and counts["dev_skipped"] == 0
