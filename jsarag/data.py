@@ -203,7 +203,8 @@ class Source:
     path: str | Path  # a local file or folder, a save_to_disk folder, or (a str only) a hub dataset name
     name: str | None = None  # the hub dataset's configuration
     split: str | None = None  # the source's split; None: its only one
-    fields: Mapping[str, str | None] = field(default_factory=lambda: MappingProxyType({}))  # ours -> theirs; None: absent
+    # our field -> the source's (dotted: nested); None: the source has none
+    fields: Mapping[str, str | None] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def field_map(fields: Mapping[str, str | None], ours: tuple[str, ...]) -> dict[str, str | None]:

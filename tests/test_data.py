@@ -130,8 +130,8 @@ def test_embedded_doqa_has_no_mojibake_and_answers_stay_in_their_passages() -> N
              if MOJIBAKE.search(s)]
     assert found == []
     kb = load_kb(split_path(default_data_dir(), "passages"))
-    answerable = [ex for split in ["train", "dev", "test"] for ex in load_examples(split_path(default_data_dir(), split), kb)
-                  if ex.answer != UNANSWERABLE]
+    answerable = [ex for split in ["train", "dev", "test"]
+                  for ex in load_examples(split_path(default_data_dir(), split), kb) if ex.answer != UNANSWERABLE]
     assert len(answerable) == (4608 - 1271) + (910 - 249) + (1792 - 534)
     assert all(ex.answer in kb.texts[kb.row(pid)] for ex in answerable for pid in ex.gold_passage_ids)
     assert all(ex.gold_passage_ids for ex in answerable)
@@ -525,7 +525,8 @@ def test_duplicate_texts_are_counted_and_warned_once(tmp_path: Path, kb_cache: P
         kb = load_kb(path)
         load_kb(path)
     assert kb.duplicate_texts == 2
-    assert len(caplog.records) == 1 and '2 passages repeat the text' in caplog.text and '"p3" repeats "p0"' in caplog.text
+    assert len(caplog.records) == 1
+    assert "2 passages repeat the text" in caplog.text and '"p3" repeats "p0"' in caplog.text
     assert load_kb(write_jsonl(tmp_path / "other.jsonl", PASSAGES)).duplicate_texts == 0
 
 
@@ -582,7 +583,8 @@ def test_examples_from_parquet_with_a_mapping(tmp_path: Path, kb: KnowledgeBase,
 
 
 def test_jsonl_with_a_mapping_keeps_line_numbers(tmp_path: Path, kb: KnowledgeBase) -> None:
-    lines = [{"question": "How long?", "golden_answers": ["ten minutes"]}, "", {"question": "", "golden_answers": ["x"]}]
+    lines = [{"question": "How long?", "golden_answers": ["ten minutes"]}, "",
+             {"question": "", "golden_answers": ["x"]}]
     path = write_jsonl(tmp_path / "flashrag.jsonl", lines)
     fields = {"id": None, "context": None, "answer": None, "answers": "golden_answers", "gold_passage_ids": None}
     with pytest.raises(DataError, match='flashrag.jsonl line 3: field "question" is empty'):
@@ -641,7 +643,8 @@ def test_data_config_sources(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    ({"passages": {"path": "c.csv", "fields": {"body": "text"}}}, 'data.passages: field mapping: "body" is not a field'),
+    ({"passages": {"path": "c.csv", "fields": {"body": "text"}}},
+     'data.passages: field mapping: "body" is not a field'),
     ({"fields": {"question": None}}, 'data.fields: field mapping: "question" cannot map to null'),
     ({"splits": {"dev": {"path": "d.csv", "fields": {"answer": None, "answers": None}}}},
      'data.splits: field mapping: "answer" and "answers" cannot both map to null'),
@@ -660,7 +663,7 @@ def test_missing_data_dir_says_the_folder_is_missing(tmp_path: Path) -> None:
 
 
 def test_unknown_key_in_a_split_source_gets_a_close_match(tiny_recipe) -> None:
-    with pytest.raises(RecipeError, match=r"data.splits.dev.feilds: unknown key; did you mean 'data.splits.dev.fields'"):
+    with pytest.raises(RecipeError, match=r"data.splits.dev.feilds: unknown key; did you mean 'data.splits.dev.fields"):
         load_recipe(tiny_recipe(data={"splits": {"dev": {"path": "d.csv", "feilds": {}}}}))
 
 
