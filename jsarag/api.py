@@ -42,7 +42,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, field_validator
 
 from jsarag.checkpoint import atomic_write
-from jsarag.data import Example, render_history, text_key
+from jsarag.data import Example, Passage, render_history, text_key
 from jsarag.errors import (
     DataError,
     IndexMismatchError,
@@ -174,15 +174,6 @@ class Trainable(NamedTuple):
 
 # -- the values that travel through a step --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Passage:
-    """One passage of the knowledge base."""
-
-    id: str
-    title: str
-    text: str
-
-
 class KnowledgeBase(Protocol):
     """The passages a retriever ranks and a generator reads; row i is the source's i-th passage (from 0)."""
 
@@ -191,8 +182,10 @@ class KnowledgeBase(Protocol):
     def __len__(self) -> int: ...
     def row(self, passage_id: str) -> int: ...
     def has(self, passage_id: str) -> bool: ...
+    def id(self, row: int) -> str: ...
     def passage(self, row: int) -> Passage: ...
     def render(self, row: int) -> str: ...
+    def render_many(self, rows: list[int]) -> list[str]: ...
 
     @property
     def fingerprint(self) -> str: ...

@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     data = commands.add_parser("data", help="data folders").add_subparsers(dest="action", required=True)
     subset_arguments(data.add_parser("subset", help="cut a small, self-consistent data folder from a large one"))
+    from jsarag.tools.convert import add_arguments as convert_arguments
+
+    convert_arguments(data.add_parser("convert", help="turn FlashRAG, DPR/Atlas or KILT files into a data folder"))
     diagnose = commands.add_parser("diagnose", help="diagnostics").add_subparsers(dest="action", required=True)
     grad = diagnose.add_parser("grad-variance", help="each estimator's gradient bias, variance and cost vs exact")
     grad.add_argument("--estimators", default="rag,vrag,jsa,exact",
@@ -173,9 +176,10 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    from jsarag.tools.convert import main as convert
     from jsarag.tools.subset import main as subset
 
-    return subset(args)
+    return convert(args) if args.action == "convert" else subset(args)
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -171,6 +171,7 @@ def counters(run: Run) -> dict[str, dict[str, int]]:
     splits = {run.recipe.data.train_split: run.train_set, **run.eval_sets} if run.train_set is not None else run.eval_sets
     found = {"data": {f"{split}_{what}": getattr(examples, what) for split, examples in splits.items()
                       for what in ("skipped", "dropped_unanswerable")}}
+    found["data"]["kb_duplicate_texts"] = run.ctx.kb.duplicate_texts  # passages repeating a text
     mine = {role: component.counters() for role, component in run.components().items()}
     everyone = [mine]
     if run.ctx.world_size > 1:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jsarag.api import Options, PathOption
-from jsarag.errors import RecipeError
+from jsarag.data import EXAMPLE_FIELDS, PASSAGE_FIELDS, Source, default_data_dir, field_map, split_path
+from jsarag.errors import DataError, RecipeError
 from jsarag.paths import plain_name, stays_inside
 from jsarag.plugins import Plugins, Registered, check_class
 
@@ -54,9 +57,55 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, strict=True, allow_inf_nan=False)
 
 
+FieldMapping = dict[str, str | None]  # our field -> the source's (dotted for nested values); None: the source has none
+
+
+class SourceConfig(Section):
+    """Where a knowledge base or a split is read from; a plain string in a recipe is its ``path``."""
+
+    path: str
+    """A local file (.jsonl or .jsonl.gz, read line by line; .json, .csv, .tsv, .parquet, .arrow), a folder of such
+    files, a folder written by save_to_disk, or a hub dataset name (online, or already in the datasets cache)."""
+    name: str | None = None
+    """The hub dataset's configuration (load_dataset's second argument)."""
+    split: str | None = None
+    """The source's split to read; null: its only split (under data.examples: the recipe split's own name)."""
+    fields: FieldMapping | None = None
+    """Our field -> the source's (dotted for nested values, e.g. answers.text; null: the source has none); fields
+    not named keep their names. Unset: data.fields for a split, the same names for passages."""
+
+    def to_source(self, fields: FieldMapping, split: str | None = None) -> Source:
+        """The ``jsarag.data.Source`` this section names, with a field mapping and a split (if not its own)."""
+        return Source(self.path, self.name, self.split if self.split is not None else split, fields)
+
+
+def _source_shorthand(value: Any) -> Any:
+    """A source given as a plain string is its path."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+def _check_fields(fields: FieldMapping | None, ours: tuple[str, ...]) -> None:
+    """Refuse a field mapping with an unknown field or a required field mapped to null (as a ValueError)."""
+    if fields is not None:
+        try:
+            field_map(fields, ours)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+
+
 class DataConfig(Section):
     dir: PathOption | None = None
-    """Folder in the shared data layout (passages.jsonl, <split>.jsonl); null = the embedded DoQA cooking."""
+    """Folder in the shared data layout (passages.jsonl, <split>.jsonl[.gz]); null = the embedded DoQA cooking."""
+    passages: SourceConfig | None = None
+    """The knowledge base from any source the datasets library reads (fields: id, title, text); null: <dir>/passages."""
+    examples: SourceConfig | None = None
+    """Every split from one source holding several (a hub dataset, a folder, a save_to_disk DatasetDict), each read
+    from the source's split of its name (dev also finds validation); null: <dir>/<split>.jsonl[.gz]."""
+    splits: dict[str, SourceConfig] = {}
+    """Split name -> its own source (a file per split, say); these win over data.examples and data.dir."""
+    fields: FieldMapping = {}
+    """Field mapping of every split without its own (id, context, question, answer, answers, gold_passage_ids; answer:
+    null takes the first of answers), data.dir's split files included."""
     train_split: str = "train"
     """Split trained on."""
     eval_splits: list[str] = ["dev"]
@@ -77,6 +126,62 @@ class DataConfig(Section):
     @classmethod
     def _plain_splits(cls, value: list[str]) -> list[str]:
         return [plain_name(split) for split in value]
+
+    @field_validator("passages", "examples", mode="before")
+    @classmethod
+    def _one_source(cls, value: Any) -> Any:
+        return _source_shorthand(value)
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _split_sources(cls, value: Any) -> Any:
+        return {k: _source_shorthand(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("passages")
+    @classmethod
+    def _passage_fields(cls, value: SourceConfig | None) -> SourceConfig | None:
+        _check_fields(value.fields if value else None, PASSAGE_FIELDS)
+        return value
+
+    @field_validator("examples")
+    @classmethod
+    def _examples_source(cls, value: SourceConfig | None) -> SourceConfig | None:
+        if value is not None and value.split is not None:
+            raise ValueError("data.examples reads each split from the source's split of the same name; give a split "
+                             "read from elsewhere its own source under data.splits")
+        _check_fields(value.fields if value else None, EXAMPLE_FIELDS)
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _split_names(cls, value: dict[str, SourceConfig]) -> dict[str, SourceConfig]:
+        for name, source in value.items():
+            plain_name(name)
+            _check_fields(source.fields, EXAMPLE_FIELDS)
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _example_fields(cls, value: FieldMapping) -> FieldMapping:
+        _check_fields(value, EXAMPLE_FIELDS)
+        return value
+
+    def kb_source(self) -> Path | Source:
+        """Where the knowledge base is read from: data.passages, else <data.dir>/passages.jsonl[.gz]."""
+        if self.passages is not None:
+            return self.passages.to_source(self.passages.fields or {})
+        return split_path(self.dir or default_data_dir(), "passages")
+
+    def split_source(self, split: str) -> Path | Source:
+        """Where a split is read from: data.splits.<split>, else data.examples, else <data.dir>/<split>.jsonl[.gz]."""
+        if split in self.splits:
+            source = self.splits[split]
+            return source.to_source(self.fields if source.fields is None else source.fields)
+        if self.examples is not None:
+            fields = self.fields if self.examples.fields is None else self.examples.fields
+            return self.examples.to_source(fields, split=split)
+        path = split_path(self.dir or default_data_dir(), split)
+        return Source(path, fields=self.fields) if self.fields else path
 
 
 class TrainConfig(Section):
@@ -347,12 +452,24 @@ def _cut(text: str) -> str:
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> dict[str, Any]:
+    """The fields of the section at ``loc``, through optional sections and mappings of sections (data.splits.dev)."""
+    node: Any = model
     for part in loc:
-        annotation = model.model_fields[str(part)].annotation if str(part) in model.model_fields else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(node, type) and issubclass(node, BaseModel) and str(part) in node.model_fields:
+            node = _section_in(node.model_fields[str(part)].annotation)
+        elif typing.get_origin(node) is dict:
+            node = _section_in(typing.get_args(node)[1])
+        else:
             return {}
-        model = annotation
-    return model.model_fields
+    return node.model_fields if isinstance(node, type) and issubclass(node, BaseModel) else {}
+
+
+def _section_in(annotation: Any) -> Any:
+    """``X`` for ``X | None``, else the annotation itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
 
 
 def _where(key: str, origins: Origins) -> str:

@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,7 +39,7 @@ from jsarag.api import (
     Trainable,
 )
 from jsarag.candidates import candidate_set, ranked
-from jsarag.data import ExampleSet, default_data_dir, load_examples, split_path
+from jsarag.data import ExampleSet, load_examples
 from jsarag.engine import build_engine, init_distributed, load_ds_config
 from jsarag.errors import JsaragError, PluginError, RecipeError
 from jsarag.kb import load_kb
@@ -180,10 +179,9 @@ def build_run(recipe: Recipe, train: bool = True, engine: bool | None = None, ge
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it found, line by line
     seed_everything(recipe.train.seed)
-    data_dir = recipe.data.dir or default_data_dir()
-    kb = load_kb(split_path(data_dir, "passages"))
-    train_set = _examples(data_dir, recipe.data.train_split, kb, recipe) if train else None
-    eval_sets = {s: _examples(data_dir, s, kb, recipe) for s in recipe.data.eval_splits}
+    kb = load_kb(recipe.data.kb_source())
+    train_set = _examples(recipe.data.train_split, kb, recipe) if train else None
+    eval_sets = {s: _examples(s, kb, recipe) for s in recipe.data.eval_splits}
     output_dir = recipe.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train, output_dir)
@@ -275,8 +273,8 @@ def _check_parameters(who: str, name: str, trainable: Trainable, device: torch.d
                               f"move the module to ctx.device")
 
 
-def _examples(data_dir: Path, split: str, kb, recipe: Recipe) -> ExampleSet:
-    return load_examples(split_path(data_dir, split), kb, drop_unanswerable=recipe.data.drop_unanswerable,
+def _examples(split: str, kb, recipe: Recipe) -> ExampleSet:
+    return load_examples(recipe.data.split_source(split), kb, drop_unanswerable=recipe.data.drop_unanswerable,
                          on_error=recipe.data.on_error)
 
 

@@ -33,7 +33,7 @@ def test_step_cost_reports_every_estimator_with_ratios(tiny_recipe, tmp_path):
 
 
 def _kb() -> KnowledgeBase:
-    return KnowledgeBase(path="kb.jsonl", ids=["a", "b", "c"], titles=["", "", ""], texts=["x", "y", "z"])
+    return KnowledgeBase.from_lists(path="kb.jsonl", ids=["a", "b", "c"], titles=["", "", ""], texts=["x", "y", "z"])
 
 
 def test_supervised_loss_is_the_gold_passage_nll_plus_its_prior_term(tmp_path):

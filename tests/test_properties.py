@@ -120,7 +120,7 @@ def test_any_passages_file_loads_or_is_a_data_error(content: bytes, form: str) -
         loaded = returns_or_refuses(lambda: load_kb(write(Path(folder), "passages", content, form)))
     if loaded is not None:
         assert len(loaded) == lines_in(content) and len(set(loaded.ids)) == len(loaded)
-        assert len(loaded.fingerprint) == 64 and loaded.dataset.num_rows == len(loaded)
+        assert len(loaded.fingerprint) == 64 and all(loaded.row(pid) == row for row, pid in enumerate(loaded.ids))
 
 
 @DATA_RUNS
@@ -144,6 +144,8 @@ def test_any_examples_file_loads_or_is_a_data_error(kb, content: bytes, form: st
 # Recipes
 
 RECIPE_KEYS = ["output_dir", "resume", "data", "data.dir", "data.on_error", "data.eval_splits", "data.train_split",
+               "data.passages", "data.passages.fields", "data.passages.fields.text", "data.examples", "data.splits",
+               "data.splits.dev", "data.splits.dev.path", "data.fields", "data.fields.answer",
                "retriever", "retriever.name", "candidates.prior_top_k", "retriever.temperature", "retriever.dir",
                "posterior", "posterior.lr", "candidates.mode",
                "index", "index.name", "index.dir", "index.type", "generator", "generator.lora", "generator.lr",

@@ -266,10 +266,9 @@ def _likelihood(options: Options) -> str | None:
 
 def check_kb_size(recipe: Recipe, exact_options: Options) -> None:
     """Refuse, before building anything, a KB too large for the exact gradient (``exact.max_passages``)."""
-    from jsarag.data import default_data_dir, split_path
     from jsarag.kb import load_kb
 
-    kb = load_kb(split_path(recipe.data.dir or default_data_dir(), "passages"))
+    kb = load_kb(recipe.data.kb_source())
     if len(kb) > exact_options.max_passages:
         raise RecipeError(
             f"diagnose grad-variance compares with the exact gradient, which scores every passage for every example: "
