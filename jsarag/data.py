@@ -412,9 +412,9 @@ def _file_identity(path: Path) -> list[Any]:
 # Data folders
 
 
-def default_data_dir() -> Path:
-    """Return the folder of the embedded default dataset, DoQA cooking."""
-    return Path(str(resources.files("jsarag.datasets") / "doqa_cooking"))
+def default_data_dir(name: str = "doqa_cooking") -> Path:
+    """Return the folder of a dataset shipped with jsarag: DoQA cooking (the default) or SQuAD v1.1."""
+    return Path(str(resources.files("jsarag.datasets") / name))
 
 
 def split_path(data_dir: Path, split: str) -> Path:

@@ -95,7 +95,9 @@ def _check_fields(fields: FieldMapping | None, ours: tuple[str, ...]) -> None:
 
 class DataConfig(Section):
     dir: PathOption | None = None
-    """Folder in the shared data layout (passages.jsonl, <split>.jsonl[.gz]); null = the embedded DoQA cooking."""
+    """Folder in the data layout (passages.jsonl, <split>.jsonl[.gz]); null = the embedded dataset named below."""
+    embedded: Literal["doqa_cooking", "squad_v1.1"] = "doqa_cooking"
+    """The dataset shipped with jsarag that a recipe without data.dir reads: DoQA cooking (dialog) or SQuAD v1.1."""
     passages: SourceConfig | None = None
     """The knowledge base from any source the datasets library reads (fields: id, title, text); null: <dir>/passages."""
     examples: SourceConfig | None = None
@@ -166,11 +168,15 @@ class DataConfig(Section):
         _check_fields(value, EXAMPLE_FIELDS)
         return value
 
+    def folder(self) -> Path:
+        """The data folder: data.dir, else the embedded dataset's."""
+        return self.dir or default_data_dir(self.embedded)
+
     def kb_source(self) -> Path | Source:
         """Where the knowledge base is read from: data.passages, else <data.dir>/passages.jsonl[.gz]."""
         if self.passages is not None:
             return self.passages.to_source(self.passages.fields or {})
-        return split_path(self.dir or default_data_dir(), "passages")
+        return split_path(self.folder(), "passages")
 
     def split_source(self, split: str) -> Path | Source:
         """Where a split is read from: data.splits.<split>, else data.examples, else <data.dir>/<split>.jsonl[.gz]."""
@@ -180,7 +186,7 @@ class DataConfig(Section):
         if self.examples is not None:
             fields = self.fields if self.examples.fields is None else self.examples.fields
             return self.examples.to_source(fields, split=split)
-        path = split_path(self.dir or default_data_dir(), split)
+        path = split_path(self.folder(), split)
         return Source(path, fields=self.fields) if self.fields else path
 
 

@@ -208,3 +208,13 @@ def test_a_packaged_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatc
     (tmp_path / "tiny_rag.yaml").write_text("extends: nothing.yaml\n")  # a file of that name here comes first
     with pytest.raises(RecipeError, match=r"nothing.yaml"):
         load_recipe("tiny_rag.yaml")
+
+
+def test_the_qa_recipe_reads_the_embedded_squad():
+    from jsarag.kb import load_kb
+
+    recipe = load_recipe("qa_jsa")
+    assert recipe.data.dir is None and recipe.data.embedded == "squad_v1.1"
+    kb = load_kb(recipe.data.kb_source())
+    assert len(kb) == 4497 and kb.has("squad-Super_Bowl_50-0")
+    assert recipe.data.split_source("dev").name == "dev.jsonl.gz"
