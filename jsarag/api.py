@@ -41,7 +41,6 @@ import pluggy
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, field_validator
 
-from jsarag.checkpoint import atomic_write
 from jsarag.data import Example, Passage, render_history, text_key
 from jsarag.errors import (
     DataError,
@@ -52,6 +51,7 @@ from jsarag.errors import (
     RecipeError,
     TrainingError,
 )
+from jsarag.files import atomic_write
 from jsarag.models import loading, model_fingerprint, resolve_model
 from jsarag.paths import stays_inside
 from jsarag.summary import metrics_table
@@ -86,6 +86,7 @@ def __getattr__(name: str) -> Any:
 
         return PassageIndex
     raise AttributeError(f"module 'jsarag.api' has no attribute {name!r}")
+
 
 hookspec = pluggy.HookspecMarker("jsarag")
 hookimpl = pluggy.HookimplMarker("jsarag")

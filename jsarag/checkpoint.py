@@ -16,7 +16,6 @@ import random
 import re
 import resource
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,39 +24,11 @@ import torch
 
 from jsarag.errors import TrainingError
 from jsarag.faults import fault_point
+from jsarag.files import atomic_write, fsync
 
 log = logging.getLogger("jsarag.checkpoint")
 TAG = re.compile(r"step-\d{7,}")  # tag_for's form; more digits past step 9,999,999
 LOW_SPACE = 64 * 2**20  # bytes: below this a write error without an errno is taken for a full disk
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so readers see the old content or the new, never a part, even after a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; results are for every reader
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames and new entries in ``folder`` durable."""
-    fsync_file(folder)
 
 
 def tag_for(step: int) -> str:
@@ -151,11 +122,11 @@ def _publish(root: Path, hidden: Path, tag: str) -> str | None:
     """
     target, aside = root / tag, root / f".old-{tag}"
     try:
-        fsync_dir(hidden)
+        fsync(hidden)
         if target.exists():
             os.replace(target, aside)
         os.replace(hidden, target)
-        fsync_dir(root)
+        fsync(root)
         fault_point("checkpoint_renamed")
         atomic_write(root / "latest", tag)
     except OSError as exc:
@@ -258,15 +229,6 @@ def load_file(path: Path, map_location: Any = None, allowed: Sequence[type] = ()
     except (RuntimeError, EOFError) as exc:  # a truncated or corrupted zip archive
         raise TrainingError(f"{path}: cannot be read ({exc}); if the file is damaged, delete {path.parent} to resume "
                             "from the checkpoint before it") from None
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_bytes(state: dict[str, Any]) -> bytes:

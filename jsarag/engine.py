@@ -28,8 +28,9 @@ from deepspeed.runtime.zero.utils import ZeRORuntimeException  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from jsarag.api import StepResult, Trainable  # noqa: E402
-from jsarag.checkpoint import describe_write_error, fsync_file, load_file  # noqa: E402
+from jsarag.checkpoint import describe_write_error, load_file  # noqa: E402
 from jsarag.errors import RecipeError  # noqa: E402
+from jsarag.files import fsync  # noqa: E402
 from jsarag.paths import confined  # noqa: E402
 
 DS_CONFIG_DIR = Path(str(resources.files("jsarag.ds_configs")))  # the repository's ds_configs/, installed as data
@@ -259,7 +260,7 @@ class GuardedCheckpointEngine(TorchCheckpointEngine):
         """Write one file and flush it to disk, or record why not."""
         def write() -> None:
             TorchCheckpointEngine.save(self, state_dict, path)
-            fsync_file(Path(path))
+            fsync(Path(path))
 
         self.attempt(path, write)
 

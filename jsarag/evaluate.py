@@ -9,9 +9,9 @@ from typing import Any, NamedTuple
 import torch
 
 from jsarag.api import Batch
-from jsarag.checkpoint import atomic_write
 from jsarag.data import Example
 from jsarag.faults import fault_point
+from jsarag.files import atomic_write
 from jsarag.metrics import generation_metrics, retrieval_metrics
 
 SAMPLES, SAMPLE_PASSAGES = 3, 3  # examples kept for reports, with this many of their top-ranked passages

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +41,7 @@ import pyarrow as pa
 
 from jsarag.data import PASSAGE_FIELDS, DatasetRows, JsonLines, Passage, Source, get_str, open_source
 from jsarag.errors import DataError
+from jsarag.files import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _convert_locked(records: JsonLines | DatasetRows, root: Path, which: str, fo
             log.info("removing %s (an older or unfinished conversion of %s)", old, records.label)
             shutil.rmtree(old, ignore_errors=True)
         started = time.perf_counter()
-        _convert(records, root, folder)
+        _convert(records, folder)
         kb = _open_store(folder, records.path)
         if kb is None:
             raise DataError(f"{folder}: the converted knowledge base cannot be read back; delete the folder")
@@ -257,15 +257,10 @@ def _convert_locked(records: JsonLines | DatasetRows, root: Path, which: str, fo
         lock.release()
 
 
-def _convert(records: JsonLines | DatasetRows, root: Path, folder: Path) -> None:
+def _convert(records: JsonLines | DatasetRows, folder: Path) -> None:
     """Check and write the passages into a temporary folder, then rename it to ``folder``."""
     _, state = records.identity()
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{folder.name}-"))
-    except OSError as err:
-        raise DataError(f"{root}: cannot write the knowledge-base cache here ({err.strerror or err}); set "
-                        f"{CACHE_ENV} to a writable folder") from None
-    try:
+    with atomic_folder(folder, tmp_prefix=f".tmp-{folder.name}-") as tmp:
         with pa.OSFile(str(tmp / "passages.arrow"), "wb") as sink:
             built = _write(records, sink)
         table = pa.ipc.open_stream(pa.memory_map(str(tmp / "passages.arrow"))).read_all()
@@ -276,25 +271,6 @@ def _convert(records: JsonLines | DatasetRows, root: Path, folder: Path) -> None
         info.update(format=FORMAT, source=records.label, path=str(records.path), rows=len(table),
                     slots=len(slots), batch_rows=BATCH_ROWS)
         (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-        for name in ("passages.arrow", "slots.npy", "meta.json"):
-            _fsync(tmp / name)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; the cache is for every reader
-        os.rename(tmp, folder)
-        _fsync(root)  # the rename survives a power cut
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder's entries to disk (as jsarag.checkpoint does, without importing torch)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -516,7 +516,10 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, An
         return data, origins
     if not isinstance(base, str) or not base.strip():
         raise RecipeError(f"{where}: 'extends' must be a path to a recipe, got {_shown(base)}")
-    parent, parent_origins = _read_with_extends(path.parent / base, seen + (path,))
+    target, packaged = path.parent / base, packaged_recipes()
+    if not _exists(target) and Path(base).parent == Path(".") and base.removesuffix(".yaml") in packaged:
+        target = packaged[base.removesuffix(".yaml")]  # a packaged recipe by name: extends: tiny_rag
+    parent, parent_origins = _read_with_extends(target, seen + (path,))
     return _merge(parent, data, parent_origins, origins), {**parent_origins, **origins}
 
 

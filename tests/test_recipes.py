@@ -99,6 +99,14 @@ def test_extends_merges_and_a_renamed_section_starts_afresh(tiny_recipe, tmp_pat
         load_recipe(child, ["estimator.name=rag", "estimator.samples=3"])
 
 
+def test_extends_names_a_packaged_recipe_when_no_file_is_beside(tmp_path):
+    child = _write(tmp_path, "extends: tiny_rag\ntrain:\n  max_steps: 7\n", "mine.yaml")
+    recipe = load_recipe(child)
+    assert recipe.train.max_steps == 7 and recipe.estimator.name == "rag"  # the rest from the packaged tiny_rag
+    _write(tmp_path, "extends: mine.yaml\ntrain:\n  max_steps: 8\n", "tiny_rag.yaml")  # a file beside wins
+    assert load_recipe(_write(tmp_path, "extends: tiny_rag.yaml\n", "child.yaml")).train.max_steps == 8
+
+
 def test_extends_cycle_is_reported(tmp_path):
     _write(tmp_path, "extends: b.yaml\n", "a.yaml")
     _write(tmp_path, "extends: a.yaml\n", "b.yaml")

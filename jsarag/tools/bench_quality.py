@@ -301,7 +301,7 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def write_text(path: Path, text: str) -> None:
     """Write a file atomically (readers see the old content or the new)."""
-    from jsarag.checkpoint import atomic_write
+    from jsarag.files import atomic_write
 
     atomic_write(path, text)
 

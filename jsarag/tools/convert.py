@@ -32,8 +32,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any, TextIO
 
 from jsarag.data import get_str, get_str_list, is_file, parse_object, read_lines
 from jsarag.errors import DataError, RecipeError
+from jsarag.files import atomic_folder
 from jsarag.paths import PLAIN_NAME
 
 FORMATS = ("flashrag", "dpr", "kilt")
@@ -123,19 +122,8 @@ def convert(fmt: str, corpora: list[Path], splits: dict[str, Path], out: Path, *
     if out.exists():
         raise DataError(f"{out}: exists already; remove it or choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out) as tmp:
         summary = _convert_into(fmt, corpora, splits, tmp, kilt_passages)
-        for written in tmp.iterdir():
-            _fsync(written)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private
-        os.rename(tmp, out)
-        _fsync(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -380,13 +368,3 @@ def _kilt_output(obj: dict[str, Any], where: str, granularity: str) -> tuple[lis
             if isinstance(start, int) and isinstance(end, int) and 0 <= start <= end:
                 gold.extend(f"{page}_{p}" for p in range(start, end + 1))
     return answers, list(dict.fromkeys(gold))
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder's entries to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

@@ -14,9 +14,9 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jsarag.checkpoint import atomic_write
 from jsarag.data import Example, default_data_dir, load_examples, split_path
 from jsarag.errors import DataError, RecipeError
+from jsarag.files import atomic_write
 
 if TYPE_CHECKING:
     from jsarag.kb import KnowledgeBase
