@@ -27,6 +27,31 @@ def isolated_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_comm_op() -> None:
+    """Build DeepSpeed's CPU communication op once, before any test starts (or kills) a DeepSpeed process.
+
+    DeepSpeed JIT-compiles it on the first ``init_distributed`` of a machine (about a minute on 2 cores). A process
+    killed while it compiles (a test's timeout, a crash test) leaves a lock file behind, on which every later
+    DeepSpeed start would wait forever; built here, in a process nobody kills, no test ever compiles it. The build
+    goes into the virtual environment (unless TORCH_EXTENSIONS_DIR says otherwise): a fresh environment never meets
+    a lock or a build of another environment's.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    build = ("from deepspeed.accelerator import get_accelerator\n"
+             "builder = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+             "if builder is not None and builder.is_compatible():\n"
+             "    builder.load(verbose=False)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", build], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                              capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        pytest.exit("building DeepSpeed's CPU comm op took over 30 minutes: is a stale 'lock' file left in "
+                    "$TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/<python>_cpu/deepspeed_shm_comm)?")
+    if done.returncode != 0:
+        pytest.exit(f"building DeepSpeed's CPU comm op failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
 def _read_gz(path: Path) -> list[dict]:
     with gzip.open(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
