@@ -412,7 +412,8 @@ class Component(abc.ABC):
         """Note the start (or resumption, ``start_step`` > 0) of training."""
 
     def on_step_end(self, step: int, loss: float, stats: dict[str, float]) -> None:
-        """Note the end of an optimizer step with its mean loss and estimator statistics (averaged over ranks)."""
+        """Note the end of an optimizer step with its mean loss, the estimator's statistics (averaged over ranks)
+        and each trained module's learning rate (``lr/<role>.<name>``)."""
 
     def on_eval_end(self, step: int, split: str, metrics: dict[str, float], samples: list[dict[str, Any]]) -> None:
         """Note an evaluation's metrics and its first examples (question, answer, prediction, retrieved passages)."""
@@ -422,6 +423,19 @@ class Component(abc.ABC):
 
     def on_train_end(self, step: int, metrics: dict[str, Any]) -> None:
         """Note the end of training with the run's metrics (the content of metrics.json)."""
+
+    def on_train_failed(self, step: int, error: BaseException) -> None:
+        """Note that training stopped on ``error`` after ``step`` and the process is about to exit: close what you
+        hold (a tracker's run, a file). Make no collective call: other ranks may be gone."""
+
+    def export(self, folder: Path, adapter: bool = False) -> dict[str, Any] | None:
+        """Write this component's models, with the weights they hold now, into ``folder`` in their library's own
+        format, loadable without jsarag (a Hugging Face or sentence-transformers folder); return the options of a
+        recipe section that loads them back (paths inside ``folder`` as absolute paths), or None (the default)
+        when the component has nothing to export. ``adapter``: write a parameter-efficient adapter alone (PEFT)
+        instead of merging it into its base model, where the component has one. Call it last: it may leave the
+        component's modules changed in ways that compute the same function (an adapter merged into its base)."""
+        return None
 
 
 class Truncations:

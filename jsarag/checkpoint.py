@@ -66,6 +66,19 @@ def latest(root: Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def find(root: Path, tag: str | None = None) -> str | None:
+    """Return the tag of the complete checkpoint ``tag`` names under ``root`` (``step-0000040``, ``step-40`` or
+    ``40``), else of the latest one (None: there is none); a tag that names none is a TrainingError listing those
+    there are."""
+    if tag is None:
+        return latest(root)
+    digits = tag.strip().removeprefix("step-")
+    if digits.isdigit() and digits.isascii() and (root / tag_for(int(digits))).is_dir():
+        return tag_for(int(digits))
+    there = ", ".join(complete_tags(root)) or "none"
+    raise TrainingError(f"--checkpoint {tag}: no complete checkpoint of that name in {root} (complete ones: {there})")
+
+
 def save(engine: Any, root: Path, step: int, rank: int, loop_state: dict[str, Any]) -> Path:
     """Write a complete checkpoint for ``step`` (collective: every rank calls it).
 
@@ -105,7 +118,9 @@ def _write(engine: Any, hidden: Path, rank: int, loop_state: dict[str, Any]) -> 
     writer = engine.checkpoint_engine
     writer.failure = None
     try:
-        engine.save_checkpoint(str(hidden.parent), tag=hidden.name, save_latest=False)
+        # what trains only: the engine's module tree leaves frozen parameters out of its state dict (tied aliases
+        # included), and DeepSpeed leaves them out of ZeRO's partitions; resuming rebuilds them from the base model
+        engine.save_checkpoint(str(hidden.parent), tag=hidden.name, save_latest=False, exclude_frozen_parameters=True)
         failure = writer.failure
         if failure is None:
             atomic_write(hidden / f"loop_rank{rank}.pt", _to_bytes(loop_state))

@@ -24,10 +24,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Example: jsarag train --config tiny_rag train.max_steps=10")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("plugins", help="list registered components by kind, with their packages")
-    for name, help_text in [("train", "train from a recipe"), ("eval", "evaluate a recipe's (trained) models")]:
-        sub = commands.add_parser(name, help=help_text)
-        _recipe_arguments(sub, required=True)
+    plugins = commands.add_parser("plugins", help="list registered components by kind, with their packages")
+    plugins.add_argument("--options", metavar="NAME", help="list the options of the component NAME instead: type, "
+                         "default, constraints and what each does")
+    config = commands.add_parser("config", help="recipes").add_subparsers(dest="action", required=True)
+    shown = config.add_parser("show", help="print the resolved recipe: every key with its default and its comment")
+    shown.add_argument("recipe", metavar="RECIPE", help="a recipe file or the name of a packaged one")
+    shown.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    _recipe_arguments(commands.add_parser("train", help="train from a recipe"), required=True)
+    evaluation = commands.add_parser("eval", help="evaluate a checkpoint's models (no optimizer is built)")
+    evaluation.add_argument("--checkpoint", metavar="step-N", help="the checkpoint (default: the latest complete one)")
+    evaluation.add_argument("--out", type=Path, metavar="FILE.json",
+                            help="where the metrics go (default: <output_dir>/eval/<checkpoint>.json)")
+    _recipe_arguments(evaluation, required=True)
     index = commands.add_parser("index", help="passage indexes").add_subparsers(dest="action", required=True)
     _recipe_arguments(index.add_parser("build", help="embed the KB and build the recipe's index"), required=True)
     _recipe_arguments(index.add_parser("info", help="print the index's fingerprint and sizes (built if needed)"),
@@ -36,6 +45,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     search.add_argument("-q", "--query", required=True, help="the query text")
     search.add_argument("-k", type=int, default=5, help="passages to print")
     _recipe_arguments(search, required=True)
+    exporting = commands.add_parser("export", help="a run's models as Hugging Face / sentence-transformers folders, "
+                                    "with the index, the KB, a model card and a recipe that loads them")
+    exporting.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run's output_dir")
+    exporting.add_argument("out", type=Path, metavar="OUT", help="the folder to write (must not exist)")
+    exporting.add_argument("--checkpoint", metavar="step-N", help="the checkpoint (default: the latest complete one)")
+    exporting.add_argument("--adapter", action="store_true", help="write the generator's PEFT adapter alone instead "
+                           "of merging it into the base model")
+    exporting.add_argument("--config", type=Path, help="the recipe it was trained with (default: the one it recorded)")
+    exporting.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of that recipe")
+    asking = commands.add_parser("ask", help="ranked passages and an answer from a run's (or an export's) models")
+    asking.add_argument("folder", type=Path, metavar="RUN_DIR_OR_EXPORT", help="a run's output_dir or an export")
+    question = asking.add_mutually_exclusive_group(required=True)
+    question.add_argument("-q", "--question", help="one question (printed answer)")
+    question.add_argument("--questions", type=Path, metavar="FILE.jsonl",
+                          help='questions, one JSON object a line: {"question": ..., "id": ..., "context": [...]}')
+    asking.add_argument("-k", type=int, default=5, help="passages shown per question (default 5)")
+    asking.add_argument("--checkpoint", metavar="step-N", help="a run folder's checkpoint (default: the latest)")
+    asking.add_argument("--out", type=Path, metavar="FILE.jsonl", help="write the JSON lines here (default: stdout)")
+    asking.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides, e.g. generator.decode=joint")
     from jsarag.tools.bench_retrieval import add_arguments as bench_arguments
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
@@ -68,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
-        "diagnose": _diagnose, "data": _data,
+        "diagnose": _diagnose, "data": _data, "config": _config, "export": _export, "ask": _ask,
     }
-    in_process = args.command in ("plugins", "compare", "data") or args.command == "bench" and args.what != "step-cost"
+    in_process = args.command in ("plugins", "compare", "data", "config") or \
+        args.command == "bench" and args.what != "step-cost"
     _exit(lambda: handlers[args.command](args), distributed=not in_process)
 
 
@@ -113,6 +143,11 @@ def _exit(command: Callable[[], int], distributed: bool) -> None:
 def _plugins(args: argparse.Namespace) -> int:
     from jsarag.plugins import check_class, get_plugins
 
+    if args.options:
+        from jsarag.tools.config import describe_component
+
+        print(describe_component(get_plugins(), args.options))
+        return 0
     for kind, registered in get_plugins().registry().items():
         print(f"{kind.replace('index', 'indexe')}s:")
         for name, entry in sorted(registered.items()):
@@ -123,6 +158,28 @@ def _plugins(args: argparse.Namespace) -> int:
                 broken = f"\n      BROKEN: {str(exc).split(': ', 1)[1]}"
             print(f"  {name:<16} {entry.cls.__module__}.{entry.cls.__name__}  (plugin {entry.plugin}, package "
                   f"{entry.package}){broken}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from jsarag.recipe import load_recipe
+    from jsarag.tools.config import show
+
+    print(show(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jsarag.tools.export import export
+
+    export(args.run_dir, args.out, args.checkpoint, args.adapter, args.config, args.overrides)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from jsarag.tools.ask import ask
+
+    ask(args.folder, args.question, args.questions, args.k, args.checkpoint, args.out, args.overrides)
     return 0
 
 
@@ -147,18 +204,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from jsarag.evaluate import evaluate, write_predictions
-    from jsarag.loop import load_latest_weights
+    from jsarag.checkpoint import find
+    from jsarag.loop import evaluate_checkpoint
     from jsarag.recipe import load_recipe
     from jsarag.run import build_run
 
-    run = build_run(load_recipe(args.config, args.overrides))
-    step = load_latest_weights(run)
-    for split in run.eval_sets:
-        metrics, _, predictions = evaluate(run, split)
-        write_predictions(run, split, step, predictions)
-        if run.ctx.rank == 0:
-            print(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    recipe = load_recipe(args.config, args.overrides)
+    find(recipe.output_dir / "checkpoints", args.checkpoint)  # a wrong --checkpoint fails before any model loads
+    evaluate_checkpoint(build_run(recipe, train=False, engine=False), args.checkpoint, args.out)
     return 0
 
 

@@ -5,13 +5,16 @@ Without a GPU it uses DeepSpeed's CPU accelerator with gloo.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pickle
 import socket
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -29,7 +32,7 @@ from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 from jsarag.api import StepResult, Trainable  # noqa: E402
 from jsarag.checkpoint import describe_write_error, load_file  # noqa: E402
-from jsarag.errors import RecipeError  # noqa: E402
+from jsarag.errors import RecipeError, TrainingError  # noqa: E402
 from jsarag.files import fsync  # noqa: E402
 from jsarag.paths import confined  # noqa: E402
 
@@ -200,12 +203,53 @@ def _confine_writer_paths(config: dict, output_dir: Path) -> None:
 
 class Trainables(torch.nn.ModuleDict):
     """Every trainable module of the run under one engine, by role then name (``prior.query_encoder``, ...); its
-    forward runs one micro-step's hooks."""
+    forward runs one micro-step's hooks.
+
+    Its state dict holds what trains: frozen parameters (a LoRA generator's base model, with every alias of a tied
+    weight such as ``lm_head.weight``) are left out, so checkpoints do not rewrite them, and loading accepts their
+    absence: they keep the values the run built them with (the same base model again)."""
 
     def forward(self, step: Callable[[], StepResult]) -> tuple[torch.Tensor, StepResult]:  # type: ignore[override]
         """Return ``(loss, result)``: DeepSpeed finds the loss in a tuple and hooks its pre-backward step onto it."""
         result = step()
         return result.loss, result
+
+    def frozen_names(self) -> set[str]:
+        """Names of the parameters that do not train, every alias of a tied one included."""
+        return {name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def state_dict(self, *, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The modules' state without their frozen parameters."""
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self.frozen_names():
+            state.pop(prefix + name, None)
+        return state
+
+    def mismatch(self, state: dict[str, Any]) -> str | None:
+        """Say which keys of ``state`` the modules lack, and which of theirs (frozen ones aside) it lacks; None
+        when it fits."""
+        mine = set(super().state_dict(keep_vars=True))
+        missing = sorted(mine - set(state) - self.frozen_names())
+        unexpected = sorted(set(state) - mine)
+        if not missing and not unexpected:
+            return None
+        return f"missing {_few(missing)}; unexpected {_few(unexpected)}"
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state; with ``strict`` every key must match but the frozen parameters' (they may be absent)."""
+        problem = self.mismatch(state_dict) if strict else None
+        if problem:
+            raise RuntimeError(f"the checkpoint's weights do not fit the run's modules: {problem}")
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = self.frozen_names()
+        result.missing_keys[:] = [key for key in result.missing_keys if key not in frozen]
+        return result
+
+
+def _few(keys: list[str], shown: int = 5) -> str:
+    """Up to ``shown`` keys and how many more, for messages."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return (", ".join(keys[:shown]) or "none") + more
 
 
 def module_tree(trainables: dict[str, dict[str, Trainable]]) -> Trainables:
@@ -242,6 +286,81 @@ def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[st
     )
     _guard_checkpointing(engine)
     return engine
+
+
+def inference_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[str, Any]) -> Any:
+    """Prepare the trainable modules to evaluate as training runs them, with no optimizer: under ZeRO-3 a DeepSpeed
+    engine that partitions them and holds no optimizer state (DeepSpeed's ZeRO-Offload, returned); otherwise no
+    engine (None), the modules cast to the config's half precision as the training engine casts them."""
+    module = module_tree(trainables)
+    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) >= 3:
+        config = {key: value for key, value in ds_config.items() if key not in ("optimizer", "scheduler")}
+        engine, *_ = deepspeed.initialize(model=module, config=config)
+        return engine
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        module.to(torch.bfloat16)
+    elif ds_config.get("fp16", {}).get("enabled") is True:
+        module.half()
+    return None
+
+
+def is_zero3_checkpoint(folder: Path) -> bool:
+    """Whether a checkpoint folder holds ZeRO-3 partitions (one model states file per rank)."""
+    return any(folder.glob("*zero_pp_rank_*_mp_rank_00_model_states.pt"))
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The module state of a complete checkpoint folder, whole, in this process, whatever ZeRO stage and number of
+    ranks wrote it: ZeRO 0-2 from its model states file (the weights as the model held them), ZeRO-3 consolidated
+    from the ranks' partitions by DeepSpeed's zero_to_fp32 (fp32 master weights). Every file is read with
+    ``weights_only=True``. Frozen parameters are absent (checkpoints leave them out): they are the base model's."""
+    if is_zero3_checkpoint(folder):
+        return _zero3_weights(folder)
+    states = folder / "mp_rank_00_model_states.pt"
+    if not states.exists():
+        raise TrainingError(f"{folder}: no DeepSpeed model states (mp_rank_00_model_states.pt); not a complete "
+                            "checkpoint of a jsarag run")
+    return load_file(states, "cpu", CHECKPOINT_GLOBALS)["module"]
+
+
+class _WeightsOnlyTorch:
+    """The torch module as zero_to_fp32 sees it while consolidating: ``torch.load`` always with weights_only=True."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args: Any, **kwargs: Any) -> Any:
+        return torch.load(*args, **{**kwargs, "weights_only": True})
+
+
+def _zero3_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Consolidate a ZeRO-3 checkpoint with DeepSpeed's zero_to_fp32 (quietly; its torch.load made safe)."""
+    from deepspeed.utils import zero_to_fp32
+
+    quiet = io.StringIO()
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS), contextlib.redirect_stdout(quiet), \
+                contextlib.redirect_stderr(quiet), _patched(zero_to_fp32, "torch", _WeightsOnlyTorch()):
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                str(folder.parent), tag=folder.name, exclude_frozen_parameters=True)
+    except pickle.UnpicklingError as exc:
+        raise TrainingError(f"{folder}: refused to load: a file pickles more than tensors and plain values "
+                            f"({str(exc).splitlines()[0]}); it was not written by a jsarag run") from None
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        raise TrainingError(f"{folder}: DeepSpeed's zero_to_fp32 cannot consolidate it ({type(exc).__name__}: "
+                            f"{exc}); is the checkpoint complete?") from None
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """Set ``owner.name`` to ``value`` for the duration of a block."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 class GuardedCheckpointEngine(TorchCheckpointEngine):

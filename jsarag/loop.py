@@ -12,20 +12,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from jsarag import checkpoint
+from jsarag import __version__, checkpoint
 from jsarag.api import Batch, StepResult
-from jsarag.engine import CHECKPOINT_LOAD_ERRORS, all_ranks_finite
+from jsarag.engine import (
+    CHECKPOINT_LOAD_ERRORS,
+    all_ranks_finite,
+    checkpoint_weights,
+    inference_engine,
+    module_tree,
+)
 from jsarag.errors import RecipeError, TrainingError
 from jsarag.evaluate import evaluate, write_predictions
 from jsarag.faults import fault_point, poisoned
-from jsarag.run import Run
+from jsarag.run import Run, trainables
 
 log = logging.getLogger("jsarag.loop")
 
@@ -43,9 +54,19 @@ class LoopState:
 
 
 def train(run: Run) -> dict[str, Any]:
-    """Train until ``train.max_steps`` (or ``train.stop_at``); return the content of metrics.json."""
-    cfg = run.recipe.train
+    """Train until ``train.max_steps`` (or ``train.stop_at``); return the content of metrics.json. A run that fails
+    tells every component and observer (``on_train_failed``) before the error goes on."""
     state = _resume(run)
+    record_run(run, state.step)
+    try:
+        return _train(run, state)
+    except BaseException as error:
+        _notify_failure(run, state.step, error)
+        raise
+
+
+def _train(run: Run, state: LoopState) -> dict[str, Any]:
+    cfg = run.recipe.train
     run.engine.train()
     run.notify("on_train_start", start_step=state.step, max_steps=cfg.max_steps)
     if state.step == 0 and run.recipe.eval.at_start:
@@ -53,6 +74,7 @@ def train(run: Run) -> dict[str, Any]:
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     while state.step < stop:
         loss, stats = _optimizer_step(run, state)
+        stats.update(learning_rates(run.engine))
         state.step += 1
         run.notify("on_step_end", step=state.step, loss=loss, stats=stats)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
@@ -66,6 +88,52 @@ def train(run: Run) -> dict[str, Any]:
     metrics = write_metrics(run, state)
     run.notify("on_train_end", step=state.step, metrics=metrics)
     return metrics
+
+
+def learning_rates(engine: Any) -> dict[str, float]:
+    """The learning rate of each trained module after a step, as ``lr/<role>.<name>`` (the optimizer's groups)."""
+    return {f"lr/{group['name']}": float(group["lr"]) for group in engine.optimizer.param_groups}
+
+
+def _notify_failure(run: Run, step: int, error: BaseException) -> None:
+    """Tell every component and observer that training failed after ``step`` (one that raises is logged, not
+    allowed to hide the error)."""
+    for component in [*run.components().values(), *run.observers]:
+        try:
+            component.on_train_failed(step=step, error=error)
+        except Exception:
+            log.exception("%s could not note the failure", component.ctx.role)
+
+
+def record_run(run: Run, start_step: int) -> None:
+    """Write <output_dir>/recipe.yaml (the recipe as written, extends merged, overrides applied) and run.json (the
+    folder it ran from, each command that trained the run) on rank 0: ``jsarag export`` and ``ask`` rebuild the run
+    from them."""
+    if run.ctx.rank != 0:
+        return
+    path = run.recipe.output_dir / "run.json"
+    earlier = json.loads(path.read_text()).get("invocations", []) if start_step > 0 and path.exists() else []
+    invocation = {"command": shlex.join(command_line(run.ctx.world_size)), "start_step": start_step,
+                  "world_size": run.ctx.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    recipe = yaml.safe_dump(run.recipe.source, sort_keys=False, allow_unicode=True)
+    checkpoint.atomic_write(run.recipe.output_dir / "recipe.yaml", recipe)
+    info = {"jsarag": __version__, "cwd": os.getcwd(), "recipe": "recipe.yaml", "invocations": [*earlier, invocation]}
+    checkpoint.atomic_write(path, json.dumps(info, indent=2))
+
+
+def command_line(world_size: int) -> list[str]:
+    """The command this process was started with, as a user would type it (``deepspeed`` added when its launcher
+    started the process, ``--local_rank`` left out)."""
+    argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    launched = len(argv) < len(sys.argv)
+    program = Path(argv[0])
+    if program.name == "jsarag" or program.parent.name == "jsarag" and program.name == "__main__.py":
+        head = ["jsarag"]
+    else:
+        head = [argv[0]] if launched else ["python", argv[0]]
+    if launched:
+        head = ["deepspeed", *(["--num_gpus", str(world_size)] if world_size > 1 else []), *head]
+    return [*head, *argv[1:]]
 
 
 def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]]:
@@ -220,15 +288,69 @@ def _resume(run: Run) -> LoopState:
     return LoopState(**saved["loop"])
 
 
-def load_latest_weights(run: Run) -> int:
-    """Load the model weights of the latest complete checkpoint (no optimizer state); return its step (0 if none)."""
-    tag = checkpoint.latest(_root(run))
+def evaluate_checkpoint(run: Run, tag: str | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint's models (the latest, or ``tag``) on the recipe's eval splits with no optimizer; write
+    the predictions and <output_dir>/eval/<checkpoint>.json (or ``out``); return what that file holds."""
+    step, folder = load_weights(run, tag, engine=True)
+    if folder is None:
+        log.warning("no checkpoint in %s: evaluating the models as built", _root(run))
+    result: dict[str, Any] = {"step": step, "checkpoint": str(folder) if folder else None, "metrics": {}}
+    for split in run.eval_sets:
+        result["metrics"][split], _, predictions = evaluate(run, split)
+        write_predictions(run, split, step, predictions)
+        if run.ctx.rank == 0:
+            print(f"step {step} {split}: " + " ".join(f"{k}={v:.4f}" for k, v in result["metrics"][split].items()))
+    path = out or run.recipe.output_dir / "eval" / f"{folder.name if folder else 'untrained'}.json"
+    if run.ctx.rank == 0:
+        checkpoint.atomic_write(path, json.dumps(result, indent=2))
+        print(f"metrics: {path}")
+    return result
+
+
+def load_weights(run: Run, tag: str | None = None, engine: bool = False) -> tuple[int, Path | None]:
+    """Load a checkpoint's model weights into the run's trainable modules, no optimizer state (the latest complete
+    checkpoint, or the one ``tag`` names); return its step and folder ((0, None): no checkpoint, the models as
+    built). With ``engine`` the modules are first made ready as training runs them (``jsarag eval``): ZeRO-3
+    partitions them in an engine without optimizer, half precision casts them. Only the roles the run built are
+    loaded (``jsarag index search`` builds no generator); frozen parameters keep the base model's values."""
+    root = _root(run)
+    tag = checkpoint.find(root, tag)
+    modules = trainables(run) if any(c.trainable() for c in run.components().values()) else {}
+    if engine and modules:
+        run.engine = inference_engine(modules, run.ctx.ds_config)
     if tag is None:
-        log.warning("no checkpoint in %s: evaluating the untrained models", _root(run))
-        return 0
-    _load_engine(run, _root(run), tag, load_module_only=True, load_optimizer_states=False,
-                 load_lr_scheduler_states=False)
-    return LoopState(**checkpoint.load_loop_state(_root(run), tag, run.ctx.rank)["loop"]).step
+        return 0, None
+    tree = module_tree(modules)
+    partitioned = run.engine is not None and run.ctx.zero_stage >= 3
+    state = {}
+    if run.ctx.rank == 0 or not partitioned:
+        state = {k: v for k, v in checkpoint_weights(root / tag).items() if k.split(".", 1)[0] in tree}
+    _load_into(run, tree, state, partitioned, root / tag)
+    return LoopState(**checkpoint.load_loop_state(root, tag, 0)["loop"]).step, root / tag
+
+
+def _load_into(run: Run, tree: torch.nn.Module, state: dict[str, torch.Tensor], partitioned: bool,
+               folder: Path) -> None:
+    """Copy a whole state into the module tree; under ZeRO-3 rank 0 writes each gathered parameter (collective)."""
+    problem = tree.mismatch(state) if run.ctx.rank == 0 or not partitioned else None
+    problem = run.ctx.broadcast(problem) if partitioned else problem
+    if problem:
+        raise TrainingError(f"{folder}: its weights do not fit the recipe's models ({problem}); was it trained "
+                            "with other models or options?")
+    if not partitioned:
+        tree.load_state_dict(state)
+        return
+    import deepspeed
+
+    with torch.no_grad():
+        for name, param in tree.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if run.ctx.rank == 0 and name in state:
+                    param.copy_(state[name])
+        for name, buffer in tree.named_buffers():  # not partitioned: every rank takes rank 0's
+            value = run.ctx.broadcast(state.get(name) if run.ctx.rank == 0 else None)
+            if value is not None:
+                buffer.copy_(value.to(buffer.device))
 
 
 def _load_engine(run: Run, root: Path, tag: str, **options: bool) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from jsarag.api import Batch, Example
+from jsarag.loop import load_weights
 from jsarag.passages import cached_folders, describe, index_dir
 from jsarag.recipe import load_recipe
 from jsarag.run import Run, build_run
@@ -52,7 +53,12 @@ def _print_info(run: Run, folder: Path | None) -> None:
 
 
 def _print_search(run: Run, query: str, k: int) -> None:
-    """Retrieve for one query (as a question without dialog history) and print the ranked passages (rank 0)."""
+    """Retrieve for one query (as a question without dialog history) with the retrievers of the run's latest
+    checkpoint, and print the ranked passages (rank 0)."""
+    step, folder = load_weights(run)
+    if run.ctx.rank == 0:
+        print(f"retriever: the trained query encoder of step {step} ({folder})" if folder else
+              f"retriever: as built (no checkpoint in {run.recipe.output_dir / 'checkpoints'})")
     example = Example(id="query", context=(), question=query, answer="", answers=(), gold_passage_ids=())
     started = time.perf_counter()
     with torch.no_grad():

@@ -141,9 +141,12 @@ class Jsa(Estimator):
             again = ScoreRequest.where(weights > 0)
             loglik = rescore(again).matrix(again, candidates, self.options.likelihood)
         weights = weights.to(log_p.device)
-        per_example = weighted_sum(weights, -(loglik.to(log_p.device) + log_p + log_q))  # (B,)
+        terms = {"generator_nll": -loglik.to(log_p.device), "prior_nll": -log_p, "posterior_nll": -log_q}  # (B, C)
+        loss_terms = terms["generator_nll"] + terms["prior_nll"] + terms["posterior_nll"]  # (B, C)
+        per_example = weighted_sum(weights, loss_terms)  # (B,)
         self._remember(batch, candidates, states[:, -1], torch.isfinite(per_example.detach()).cpu())
         stats = self._stats(batch, request, states, accepted, weights)
+        stats.update({name: float(weighted_sum(weights, term.detach()).mean()) for name, term in terms.items()})
         if self.ctx is not None:
             stats["chain_gold"] = gold_share(batch, candidates, weights.cpu(), self.ctx.kb)
         return StepResult(loss=per_example.mean(), stats=stats)

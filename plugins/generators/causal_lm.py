@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -133,6 +134,16 @@ class CausalLM(Truncations, Generator):
 
     def trainable(self) -> dict[str, Trainable]:
         return {"generator": Trainable(self.model, self.options.lr)} if self.options.lr > 0 else {}
+
+    def export(self, folder: Path, adapter: bool = False) -> dict[str, Any]:
+        """Write the generator as a Hugging Face folder with its tokenizer: LoRA merged into the base model, or with
+        ``adapter`` the PEFT adapter alone (its adapter_config.json names the base model's folder)."""
+        if adapter and self.options.lora is None:
+            raise ModelError("generator.lora is null: the generator has no adapter to export alone (drop --adapter)")
+        merge = self.options.lora is not None and not adapter
+        (self.model.merge_and_unload() if merge else self.model).save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        return {"model": str(folder), "lora": None}
 
     def _check_prompt_room(self) -> None:
         """Refuse a max_prompt_tokens that leaves no room for a passage token and a question token."""

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
@@ -102,6 +104,7 @@ class DenseRetriever(Truncations, Retriever):
         super().__init__(options, ctx)
         path = resolve_model(options.model)
         passage_path = resolve_model(options.passage_model) if options.passage_model else path
+        self.passage_path = passage_path  # the passage encoder's model folder (export copies it when it is frozen)
         key = f"{ctx.role}.passage_model" if options.passage_model else f"{ctx.role}.model"
         self.passage_encoder = self._load(passage_path, options.passage_model or options.model, key)
         self.passage_encoder.requires_grad_(self.trains_passages)
@@ -166,6 +169,18 @@ class DenseRetriever(Truncations, Retriever):
 
     def passage_index(self) -> PassageIndex:
         return self.passages
+
+    def export(self, folder: Path, adapter: bool = False) -> dict[str, Any]:
+        """Write the query encoder as a sentence-transformers folder and the passage encoder into its
+        ``passage_encoder/``: a copy of its model folder when it stayed frozen (the run's index, keyed by those
+        files, still fits it), else the trained encoder (the KB is then embedded again at the first search)."""
+        passages = folder / "passage_encoder"
+        self.query_encoder.save(str(folder))
+        if self.trains_passages:
+            self.passage_encoder.save(str(passages))
+        else:
+            shutil.copytree(self.passage_path, passages, ignore=shutil.ignore_patterns(".*"))
+        return {"model": str(folder), "passage_model": str(passages), "train_passages": False}
 
     # -- encoding and searching ---------------------------------------------------------------------------------------
 
