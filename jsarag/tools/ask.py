@@ -4,6 +4,7 @@ scores and the generator's answer, with the trained models of a run folder (its 
 ``eval.top_k``, the recipe's decoding), in batches of ``eval.batch_size``; ``-k`` passages of each are shown."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -24,9 +25,10 @@ def ask(folder: Path, question: str | None = None, questions: Path | None = None
     """Answer one question (printed for a reader) or a JSONL file of them (JSON lines on stdout, or into ``out``)."""
     examples = [_example({"question": question}, "question", 0)] if question is not None else read_questions(questions)
     out = out.resolve() if out is not None else None
-    opened = open_folder(folder, tag, overrides=overrides)
-    print(f"answering with {opened.describe()}", file=sys.stderr)
-    records = list(answers(opened.run, examples, k))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the answers alone (DeepSpeed prints as it starts)
+        opened = open_folder(folder, tag, overrides=overrides)
+        print(f"answering with {opened.describe()}")
+        records = list(answers(opened.run, examples, k))
     if question is not None:
         print(readable(records[0]))
     else:
