@@ -166,7 +166,10 @@ class EstimatorOptions(Options):
 
 
 class Trainable(NamedTuple):
-    """A module the DeepSpeed engine trains, with its learning rate."""
+    """A module the DeepSpeed engine trains, with its learning rate. With ``lr`` 0 the engine holds the module
+    without training it (none of its parameters need require grad): how a frozen model built under
+    ``Context.partitioned_init`` stays partitioned under ZeRO-3 (a partitioned model outside every engine cannot
+    run its forward)."""
 
     module: torch.nn.Module
     lr: float

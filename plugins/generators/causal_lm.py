@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from jsarag.api import (
 from jsarag_plugins.generators.decoding import greedy
 from jsarag_plugins.generators.stack import FrozenStack, left_padded
 
+log = logging.getLogger("jsarag.causal_lm")
 PROMPT = (
     "Give a short answer to the Question based on relevant information given in Input.\n"
     "Input: {passage}\n{history}Question: {question}\nAnswer:"
@@ -158,6 +160,9 @@ class CausalLM(Truncations, Generator):
         if options.lr == 0:
             self.model.requires_grad_(False)  # no gradient to compute, nor to accumulate in .grad for ever
         self.stack = FrozenStack.find(self.model)  # None: full fine-tuning, nothing frozen below the trained layers
+        if self.stack is not None:
+            log.info("causal_lm: layers 0-%d are frozen; a rescore after a no-gradient pass starts at layer %d",
+                     self.stack.first - 1, self.stack.first)
         self.kept: Kept | None = None  # what a request with keep recorded for the rescore of the same candidates
         prefix, self.suffix = _split_template(options.prompt)
         self.shared_first = _fields_before_passage(prefix)
