@@ -21,14 +21,14 @@ def test_step_cost_reports_every_estimator_with_ratios(tiny_recipe, tmp_path):
     out = tmp_path / "cost.json"
     done = run_cli("bench", "step-cost", "--config", str(recipe), "--rounds", "1", "--warmup", "0", "--out", str(out),
                    "--estimators", "jsa,jsa_noshare:jsa,jsa_plain:jsa,jsa_single:jsa,rag,vrag,floor:supervised",
-                   "candidates.prior_top_k=4", "candidates.posterior_top_k=4", "vrag.top_k=4", "jsa.proposals=12",
-                   "jsa_noshare.proposals=12", "jsa_plain.proposals=12", "jsa_single.proposals=12")
+                   "candidates.prior_top_k=4", "candidates.posterior_top_k=4", "vrag.top_k=4", "jsa.proposals=64",
+                   "jsa_noshare.proposals=64", "jsa_plain.proposals=12", "jsa_single.proposals=12")
     report = json.loads(out.read_text())
     rows = report["estimators"]
     assert list(rows) == ["jsa", "jsa_noshare", "jsa_plain", "jsa_single", "rag", "vrag", "floor"]
     assert rows["rag"]["vs_rag"] == 1.0 and rows["floor"]["vs_floor"] == 1.0
     assert all(row["median_s"] > 0 and row["tokens"] > 0 and row["tokens_per_s"] > 0 for row in rows.values())
-    assert rows["jsa"]["options"]["proposals"] == 12 and rows["jsa_single"]["options"]["grad_pass"] == "single"
+    assert rows["jsa"]["options"]["proposals"] == 64 and rows["jsa_single"]["options"]["grad_pass"] == "single"
     assert rows["jsa_plain"]["generator_options"] == {"reuse_frozen_layers": False, "share_prefix": False,
                                                       "inference_mode": False}
     assert rows["jsa"]["generator_options"] == {}
@@ -37,7 +37,9 @@ def test_step_cost_reports_every_estimator_with_ratios(tiny_recipe, tmp_path):
     # rescore: proposals without gradient, then only the chain's states with it; single: everything with gradient
     assert rows["jsa"]["tokens_with_grad"] < rows["jsa"]["tokens"]
     assert rows["jsa_single"]["tokens_with_grad"] == rows["jsa_single"]["tokens"]
-    # the shared prompt prefix runs once per example in the no-gradient pass: fewer tokens than without it
+    # 64 proposals over <= 8 candidates propose every one: the same pairs, with and without the shared prompt prefix,
+    # which runs once per example in the no-gradient pass: fewer tokens than without it
+    assert rows["jsa"]["stats"]["pairs_scored"] == rows["jsa_noshare"]["stats"]["pairs_scored"]
     nograd = {label: rows[label]["tokens"] - rows[label]["tokens_with_grad"] for label in ("jsa", "jsa_noshare")}
     assert nograd["jsa"] < nograd["jsa_noshare"]
     assert report["settings"]["k_p"] == 4 and "| floor |" in done.stdout
@@ -55,6 +57,8 @@ def test_step_cost_over_the_checkpoints_of_a_run(tiny_recipe, tmp_path):
     report = json.loads(out.read_text())
     assert [entry["step"] for entry in report["steps"]] == [0, 2, 4]
     assert report["steps"][1]["checkpoint"].endswith("step-0000002")
+    # each checkpoint's next batch, where the run's loop state left off: not the first batch again
+    assert report["steps"][0]["batches"] != report["steps"][1]["batches"] != report["steps"][2]["batches"]
     assert report["steps"][0]["estimators"]["jsa"]["options"]["proposals"] == 8  # the recipe's setting
     assert report["settings"]["k_p"] == 4 and report["settings"]["setting"] == "recipe"
     seconds = [entry["estimators"]["jsa"]["median_s"] for entry in report["steps"]]
