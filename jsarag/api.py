@@ -167,7 +167,10 @@ class EstimatorOptions(Options):
 
 
 class Trainable(NamedTuple):
-    """A module the DeepSpeed engine trains, with its learning rate."""
+    """A module the DeepSpeed engine trains, with its learning rate. With ``lr`` 0 the engine holds the module
+    without training it (none of its parameters need require grad): how a frozen model built under
+    ``Context.partitioned_init`` stays partitioned under ZeRO-3 (a partitioned model outside every engine cannot
+    run its forward)."""
 
     module: torch.nn.Module
     lr: float
@@ -230,26 +233,34 @@ class Candidates:
 
 @dataclass
 class ScoreRequest:
-    """Which (example, candidate slot) pairs the generator must score, and whether with gradient."""
+    """Which (example, candidate slot) pairs the generator must score, whether with gradient, and whether some of
+    them will be scored again.
+
+    ``keep`` declares, on a request without gradient, that ``rescore`` will score some of these pairs again with
+    gradient in the same micro-step (jsa's second pass, exact's chunks). The generator may then keep what it computed
+    for them that the gradient pass can start from (``causal_lm``: the hidden states entering its first trained
+    layer) and use it for later requests on the same ``Candidates`` object, whose lifetime bounds the kept memory;
+    requests on other candidates never see it, and the values scored are the same either way."""
 
     example: torch.Tensor  # (N,) long: batch row of each pair
     slot: torch.Tensor  # (N,) long: candidate column of each pair
     grad: bool = True
+    keep: bool = False  # a gradient-carrying rescore of some of these pairs follows in this micro-step
 
     def __len__(self) -> int:
         return int(self.example.numel())
 
     @classmethod
-    def all_slots(cls, candidates: Candidates, grad: bool = True) -> ScoreRequest:
+    def all_slots(cls, candidates: Candidates, grad: bool = True, keep: bool = False) -> ScoreRequest:
         """Request every filled slot of every example."""
         example, slot = candidates.mask.nonzero(as_tuple=True)
-        return cls(example=example, slot=slot, grad=grad)
+        return cls(example=example, slot=slot, grad=grad, keep=keep)
 
     @classmethod
-    def where(cls, mask: torch.Tensor, grad: bool = True) -> ScoreRequest:
+    def where(cls, mask: torch.Tensor, grad: bool = True, keep: bool = False) -> ScoreRequest:
         """Request every (example, slot) where the (B, C) ``mask`` is true."""
         example, slot = mask.nonzero(as_tuple=True)
-        return cls(example=example.cpu(), slot=slot.cpu(), grad=grad)
+        return cls(example=example.cpu(), slot=slot.cpu(), grad=grad, keep=keep)
 
 
 @dataclass
@@ -285,7 +296,8 @@ class StepResult:
 
 
 Rescore = Callable[[ScoreRequest], Scores]
-"""``rescore(request)``: have the generator score pairs again (a second, gradient-carrying pass)."""
+"""``rescore(request)``: have the generator score pairs again (a second, gradient-carrying pass); a first request
+with ``keep`` lets the generator reuse its work for them."""
 
 
 # -- what a component knows about its run ---------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def trainables(run: Run) -> dict[str, dict[str, Trainable]]:
             owner[id(trainable.module)] = f"{role}.{name}"
             _check_parameters(who, name, trainable, run.ctx.device)
             found.setdefault(role, {})[name] = trainable
-    if not found:
+    if not any(t.lr > 0 for modules in found.values() for t in modules.values()):
         raise RecipeError("nothing to train: every component has learning rate 0")
     return found
 
@@ -260,7 +260,7 @@ def _check_parameters(who: str, name: str, trainable: Trainable, device: torch.d
     if not isinstance(trainable.module, torch.nn.Module):
         raise RecipeError(f"{who}: trainable '{name}' is a {type(trainable.module).__name__}, not a torch.nn.Module")
     params = list(trainable.module.named_parameters())
-    if not any(p.requires_grad for _, p in params):
+    if trainable.lr > 0 and not any(p.requires_grad for _, p in params):
         raise RecipeError(f"{who}: module '{name}' is listed as trainable (lr {trainable.lr}) but none of its "
                           "parameters requires grad; leave it out of trainable() or unfreeze it")
     for param_name, param in params:

@@ -117,8 +117,10 @@ class Jsa(Estimator):
         used = torch.zeros(q.shape, dtype=torch.bool).scatter_(1, proposals, True)
         has_start = start >= 0
         used[has_start.nonzero(as_tuple=True)[0], start[has_start]] = True
-        request = ScoreRequest.where(used, grad=self.options.grad_pass == "single")
-        return ChainRequest(request.example, request.slot, request.grad, proposals=proposals, start=start)
+        single = self.options.grad_pass == "single"
+        request = ScoreRequest.where(used, grad=single, keep=not single)  # rescore: the weighted states follow
+        return ChainRequest(request.example, request.slot, request.grad, request.keep, proposals=proposals,
+                            start=start)
 
     def _cached_slots(self, batch: Batch, candidates: Candidates) -> torch.Tensor:
         """(B,) the candidate slot holding each example's cached state, -1 where there is none."""
