@@ -332,21 +332,24 @@ class Context:
         return self.rank == 0
 
     def passage_index(self, encoder: str, encode: Callable[[list[str]], np.ndarray], batch_size: int,
-                      live_step: int | None = None) -> PassageIndex:
+                      live_step: int | None = None, dtype: Literal["float16", "float32"] = "float16",
+                      shard_rows: int = 65_536) -> PassageIndex:
         """Return the KB's passage vectors and the recipe's index over them, embedding and building them if needed.
 
-        ``encoder`` names the passage encoder (part of the cache key, with the KB and the index options); ``encode``
-        turns texts into (n, d) unit vectors. Every rank must call this (each embeds a share of the KB). With
-        ``live_step`` the KB is re-embedded now (a trained passage encoder) into the run's own folder."""
+        ``encoder`` names the passage encoder (part of the cache key, with the KB, ``dtype`` and the index options);
+        ``encode`` turns ``batch_size`` texts at a time into (n, d) unit vectors, stored as ``dtype``. Every rank
+        must call this (each embeds a share of the KB's shards of ``shard_rows`` passages; a killed job resumes
+        from its finished shards). With ``live_step`` the KB is re-embedded now (a trained passage encoder) into
+        the run's own folder."""
         from jsarag.passages import passage_index
 
-        return passage_index(self, encoder, encode, batch_size, live_step)
+        return passage_index(self, encoder, encode, batch_size, live_step, dtype, shard_rows)
 
-    def live_passage_index(self, encoder: str) -> PassageIndex | None:
+    def live_passage_index(self, encoder: str, dtype: Literal["float16", "float32"] = "float16") -> PassageIndex | None:
         """Return the index this role's trained passage encoder last re-embedded into the run's folder, if any."""
         from jsarag.passages import live_passage_index
 
-        return live_passage_index(self, encoder)
+        return live_passage_index(self, encoder, dtype)
 
     def path(self, value: str | Path, key: str) -> Path:
         """Resolve a path option the recipe key ``key`` gave: absolute as written, relative under output_dir."""
@@ -509,7 +512,8 @@ class Index(Component):
     Options: ClassVar[type[Options]] = IndexOptions
     sharded: ClassVar[bool] = False
     """Whether each rank holds only part of the vectors, making ``search`` a collective every rank must call as
-    often as the others (the training loop and evaluation do)."""
+    often as the others (the training loop and evaluation do); every rank then calls ``build`` and ``save`` (its
+    part) too. An index whose sharding is an option sets it on the instance in ``__init__``."""
 
     @abc.abstractmethod
     def fingerprint_options(self) -> str:
@@ -521,7 +525,7 @@ class Index(Component):
 
     @abc.abstractmethod
     def build(self, vectors: np.ndarray) -> None:
-        """Build the index over (P, d) float vectors (usually a read-only memmap: read it in chunks)."""
+        """Build the index over (P, d) float16 or float32 vectors (usually a read-only memmap: read it in chunks)."""
 
     @abc.abstractmethod
     def save(self, folder: Path) -> None:

@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from jsarag.tools.bench_step import add_arguments as step_cost_arguments
 
     step_cost_arguments(bench.add_parser("step-cost", help="seconds, generator tokens and memory of a step per estimator"))
+    from jsarag.tools.bench_kb import add_arguments as bench_kb_arguments
+
+    bench_kb_arguments(bench.add_parser("kb", help="a synthetic KB of 100k-2M+ passages on 1-2 ranks: RSS, load, "
+                                        "search, resume"))
     from jsarag.tools.subset import add_arguments as subset_arguments
 
     data = commands.add_parser("data", help="data folders").add_subparsers(dest="action", required=True)
@@ -244,6 +248,10 @@ def _bench(args: argparse.Namespace) -> int:
         from jsarag.tools.bench_step import main as step_cost
 
         return step_cost(args)
+    if args.what == "kb":
+        from jsarag.tools.bench_kb import main as bench_kb
+
+        return bench_kb(args)
     from jsarag.tools.bench_retrieval import main as bench_retrieval
 
     return bench_retrieval(args)

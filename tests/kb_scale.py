@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from jsarag.tools.bench_kb import write_passages
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -72,24 +72,6 @@ out["rss_after_lookups"], out["anon_after_lookups"] = memory()
 out["passages"] = n
 print(json.dumps(out))
 """ % {"lookups": LOOKUPS}
-
-
-def write_passages(path: Path, n: int, seed: int = 0) -> None:
-    """Write n passages of 60-120 random words (from 20,000 made-up words) as JSONL, 100,000 at a time."""
-    rng = np.random.default_rng(seed)
-    vocabulary = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10)))
-                           for _ in range(20_000)])
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as out:
-        for start in range(0, n, 100_000):
-            count = min(100_000, n - start)
-            lengths = rng.integers(60, 121, size=count)
-            words = vocabulary[rng.integers(0, len(vocabulary), size=int(lengths.sum()))]
-            cuts = np.cumsum(lengths)[:-1]
-            for i, text in enumerate(np.split(words, cuts)):
-                out.write(json.dumps({"id": f"doc-{start + i}", "title": f"T{(start + i) % 997}" if i % 3 else "",
-                                      "text": " ".join(text)}) + "\n")
-    os.replace(tmp, path)
 
 
 def measure(path: Path, cache: Path, mode: str, old_kb: Path | None = None) -> dict:

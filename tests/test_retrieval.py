@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import faiss
@@ -22,7 +23,7 @@ from jsarag.errors import IndexMismatchError, RecipeError
 from jsarag.kb import load_kb
 from jsarag.passages import cached_folders, index_dir, read_meta
 from jsarag.recipe import CandidatesConfig
-from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
+from jsarag_plugins.indexes.faiss_index import MIN_POINTS, FaissIndex, FaissOptions, _gpu_available
 from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
 from jsarag_plugins.retrievers.dense import last_refresh, parse_refresh, refresh_due
 from torch_exact_shards import FakeKB, hashed_vectors, query_vectors
@@ -64,6 +65,9 @@ INDEXES = {
     "hnsw_fp16": (FaissIndex, FaissOptions(type="hnsw", float16=True)),
     "ivfpq": (FaissIndex, FaissOptions(type="ivfpq", nprobe=16, pq_m=16)),
     "factory": (FaissIndex, FaissOptions(factory="IVF16,SQ8")),
+    "flat_shard": (FaissIndex, FaissOptions(shard=True)),  # one rank: its part is the whole KB
+    "ivf_shard": (FaissIndex, FaissOptions(type="ivf", shard=True, nprobe=8)),
+    "flat_in_ram": (FaissIndex, FaissOptions(mmap=False)),
     "torch_exact": (TorchExactIndex, TorchExactOptions(block_size=300)),
     "torch_exact_bf16": (TorchExactIndex, TorchExactOptions(dtype="bfloat16")),
 }
@@ -97,8 +101,81 @@ def test_search_knobs_are_not_part_of_the_cache_key(tmp_path):
     fingerprint = lambda **o: FaissIndex(FaissOptions(**o), _ctx(tmp_path)).fingerprint_options()  # noqa: E731
     assert fingerprint(type="ivf", nprobe=1) == fingerprint(type="ivf", nprobe=64)
     assert fingerprint(type="hnsw", ef_search=8, device="cpu") == fingerprint(type="hnsw")
+    assert fingerprint(mmap=False) == fingerprint()
     assert len({fingerprint(), fingerprint(float16=True), fingerprint(type="ivf"), fingerprint(type="ivfpq"),
-                fingerprint(type="ivf", nlist=8), fingerprint(factory="IVF16,SQ8")}) == 6
+                fingerprint(type="ivf", nlist=8), fingerprint(factory="IVF16,SQ8"), fingerprint(shard=True)}) == 7
+
+
+LOAD_AND_MEASURE = """
+import json, os, sys
+import faiss, numpy as np, torch
+from pathlib import Path
+from jsarag.api import Context
+from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
+def anon():
+    with open(f"/proc/{os.getpid()}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+folder, options = Path(sys.argv[1]), json.loads(sys.argv[2])
+ctx = Context(role="index", kb=None, output_dir=folder, cache_dir=folder, device=torch.device("cpu"))
+before = anon()
+index = FaissIndex(FaissOptions(**options), ctx)
+index.load(folder)
+grown = anon() - before
+rows = index.search(np.load(folder / "vectors.npy")[:20], 5)[1]
+print(json.dumps({"grown": grown, "rows": rows.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("options", [{}, {"type": "ivf"}])
+def test_a_built_faiss_index_is_read_memory_mapped(options, tmp_path):
+    vectors = np.random.default_rng(0).standard_normal((40_000, 64)).astype(np.float32)  # 10 MiB of codes
+    built = FaissIndex(FaissOptions(**options), _ctx(tmp_path))
+    built.build(vectors)
+    built.save(tmp_path)
+    np.save(tmp_path / "vectors.npy", vectors)
+    expected = built.search(vectors[:20], 5)[1].tolist()
+    grown = {}
+    for mmap in (True, False):  # each in a fresh process: freed heap would hide the growth
+        done = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path), json.dumps({**options,
+                              "mmap": mmap})], capture_output=True, text=True, check=True, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["rows"] == expected
+        grown[mmap] = result["grown"]
+    assert grown[True] < 3 * 2**20 < 8 * 2**20 < grown[False]  # mapped: the codes stay in the page cache
+
+
+def test_ivf_and_pq_parameters_follow_faiss_guidance(tmp_path):
+    def index(**options) -> FaissIndex:
+        return FaissIndex(FaissOptions(**options), _ctx(tmp_path))
+
+    ivf = index(type="ivf")
+    for n in (40, 2_000, 100_000, 2_000_000, 21_000_000):
+        assert MIN_POINTS * ivf.nlist(n) <= n and ivf.train_size(n) >= MIN_POINTS * ivf.nlist(n)
+    assert ivf.nlist(21_000_000) == 18_330 and ivf.train_size(21_000_000) == 64 * 18_330  # not 100k: 5.5 a list
+    pq = index(type="ivfpq")
+    assert pq.pq_m(384) == pq.pq_m(768) == 96 and pq.pq_m(16) == 4  # 96-byte codes: faiss-gpu's largest
+    assert pq.factory_string(2_000_000, 768) == "IVF5656,PQ96x8np" and pq.train_size(2_000) == 2_000
+    with pytest.raises(RecipeError, match=r"index.nlist: 100 lists need 39 training vectors each \(3,900\), and "
+                                          r"the KB has 2,000; lower it or leave it null"):
+        index(type="ivf", nlist=100).check_vectors(2_000, 32)
+    with pytest.raises(RecipeError, match=r"index.train_sample: 1,000 vectors train 51 IVF lists, fewer than "
+                                          r"FAISS's 39 a list; raise it to 1,989"):
+        index(type="ivf", train_sample=1_000).check_vectors(2_000, 32)
+    index(type="ivf", train_sample=1_989).check_vectors(2_000, 32)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"type": "hnsw"}, "index.device: gpu, but FAISS has no GPU HNSW"),
+    ({"type": "ivfpq", "pq_m": 192}, r"index.pq_m: 192 sub-quantisers \(192-byte codes\) cannot go to the GPU"),
+    ({"type": "ivfpq", "pq_bits": 6}, "index.pq_bits: faiss-gpu's IVF-PQ needs 8-bit codes"),
+    ({"type": "flat"}, "index.device: gpu, but FAISS sees no GPU"),
+])
+def test_device_gpu_for_an_index_that_cannot_go_there_is_refused(options, message, tmp_path):
+    if _gpu_available() and options["type"] == "flat":
+        pytest.skip("this machine has a GPU FAISS can use")
+    with pytest.raises(RecipeError, match=message):
+        FaissIndex(FaissOptions(**options, device="gpu"), _ctx(tmp_path)).check_vectors(2_000_000, 768)
 
 
 def test_fingerprint_mismatch_is_detected(tiny_data, tmp_path):
@@ -110,7 +187,8 @@ def test_fingerprint_mismatch_is_detected(tiny_data, tmp_path):
     assert vectors.shape == (len(kb), 16) and isinstance(vectors, np.memmap)
     meta = read_meta(built.folder)
     assert meta["kb"] == kb.fingerprint and meta["encoder"] == "hashed-v1" and meta["index"] == "faiss:flat"
-    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-6)
+    assert vectors.dtype == np.float16  # the default storage
+    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-3)
     assert ctx.passage_index("hashed-v1", hashed_vectors, batch_size=5) is built  # one load per run
 
     ctx.passage_index("hashed-v2", hashed_vectors, batch_size=5)
@@ -174,6 +252,32 @@ def test_bm25_ranks_an_exact_term_match_first(tmp_path):
     assert candidates.posterior_logits[0, rows.index(0)] == candidates.posterior_logits[0].max()
 
 
+def test_bm25_scores_only_the_given_rows_and_takes_bm25s_top_k(tmp_path, monkeypatch):
+    from jsarag.tools.bench_kb import write_passages
+    from jsarag_plugins.retrievers.bm25 import BM25Options, BM25Retriever
+
+    write_passages(tmp_path / "passages.jsonl", 500)
+    kb = load_kb(tmp_path / "passages.jsonl")
+    retriever = BM25Retriever(BM25Options(), _ctx(tmp_path, kb))
+    model = retriever.scorer.model
+    assert isinstance(model.scores["data"], np.memmap)  # loaded memory-mapped
+    texts = [" ".join(kb.texts[r].split()[:5] + ["unheardofword"]) for r in range(0, 500, 9)]
+    full = np.stack([model.get_scores(tokens) for tokens in retriever.scorer._tokenize(texts)])  # (B, P) reference
+    queries = retriever.encode(texts)
+    rows = torch.from_numpy(np.random.default_rng(0).integers(-1, 500, size=(len(texts), 30)))
+    with monkeypatch.context() as patch:  # scoring rows never scores every passage
+        patch.setattr(model, "get_scores", lambda *a, **k: pytest.fail("score() scored all passages"))
+        got = retriever.score(queries, rows).numpy()
+    want = np.where(rows.numpy() >= 0, np.take_along_axis(full, rows.clamp(min=0).numpy(), 1), -np.inf)
+    np.testing.assert_array_equal(got, want)  # the same float32 sums bm25s makes
+
+    top = retriever.search(queries, 10, train=False).numpy()  # (B, 10)
+    best = -np.sort(-full, axis=1)[:, :10]
+    np.testing.assert_array_equal(np.take_along_axis(full, top, 1), best)  # bm25s's top-k: the best scores
+    same = np.diff(np.take_along_axis(full, top, 1), axis=1) == 0
+    assert (np.diff(top, axis=1)[same] > 0).all()  # equal scores: the lower row first
+
+
 @pytest.mark.launcher
 def test_sharded_torch_exact_over_two_ranks_equals_one_rank(tmp_path):
     out = tmp_path / "out.json"
@@ -187,7 +291,7 @@ def test_sharded_torch_exact_over_two_ranks_equals_one_rank(tmp_path):
 
     kb = FakeKB()
     vectors = np.load(Path(result["folder"]) / "vectors.npy")  # embedded by both ranks, half each
-    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-6)
+    np.testing.assert_allclose(vectors, hashed_vectors([kb.render(i) for i in range(len(kb))]), atol=1e-3)
     single = TorchExactIndex(TorchExactOptions(), _ctx(tmp_path))
     single.build(vectors)
     queries = query_vectors()
@@ -200,6 +304,12 @@ def test_sharded_torch_exact_over_two_ranks_equals_one_rank(tmp_path):
     np.testing.assert_array_equal(np.array(result["ranks"][1]["again"]), single.search(queries[12:13], 3)[1])
     exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(rows, exact)
+    for name in ("flat", "ivf"):  # sharded FAISS: each rank searched its half, merged by all-gather
+        np.testing.assert_array_equal(np.array(result["ranks"][0]["faiss"][name] + result["ranks"][1]["faiss"][name]),
+                                      rows[:12])
+    ivf_files = sorted(p.name for p in Path(result["faiss_folders"]["ivf"]).glob("index*.faiss"))
+    assert ivf_files == ["index.0-of-2.faiss", "index.1-of-2.faiss"]  # each rank's part, cached
+    assert not list(Path(result["faiss_folders"]["flat"]).glob("index*.faiss"))  # flat parts are cut at load
 
 
 @pytest.fixture
@@ -232,7 +342,7 @@ def test_refresh_changes_the_index_after_the_passage_encoder_moves(dense_with_tr
     assert read_meta(live_folder)["step"] == 2
     assert np.abs(after - before).max() > 1e-2
     live = retriever._embed_live([kb.render(i) for i in range(len(kb))])
-    np.testing.assert_allclose(after, live, atol=1e-5)
+    np.testing.assert_allclose(after, live, atol=1e-3)  # stored as float16
     top1 = retriever.passages.search(live, 1)[1][:, 0]
     np.testing.assert_array_equal(top1, np.arange(len(kb)))  # the index searches the new vectors
 

@@ -1,6 +1,7 @@
 """Run by tests/test_retrieval.py under `deepspeed --num_gpus 2`: embed a KB with every rank, build a
-``torch_exact`` index sharded across the ranks, search with a different number of queries on each rank, and write
-what rank 0 sees (the embedded vectors stay in the index folder) as JSON.
+``torch_exact`` index sharded across the ranks, search with a different number of queries on each rank, do the same
+with sharded ``faiss`` flat and IVF indexes, and write what rank 0 sees (the embedded vectors stay in the index
+folder) as JSON.
 
     deepspeed --num_gpus 2 tests/torch_exact_shards.py --workdir DIR --out results.json
 """
@@ -29,6 +30,9 @@ class FakeKB:
     def render(self, row: int) -> str:
         return f"passage {row} on topic {row % 7}"
 
+    def render_many(self, rows: list[int]) -> list[str]:
+        return [self.render(r) for r in rows]
+
 
 def hashed_vectors(texts: list[str]) -> np.ndarray:
     """(n, DIM) unit vectors, a deterministic function of each text."""
@@ -51,6 +55,7 @@ def main() -> None:
 
     from jsarag.api import Context
     from jsarag.engine import init_distributed, shutdown
+    from jsarag_plugins.indexes.faiss_index import FaissIndex, FaissOptions
     from jsarag_plugins.indexes.torch_exact import TorchExactIndex, TorchExactOptions
 
     rank, world, device = init_distributed()
@@ -63,11 +68,19 @@ def main() -> None:
     mine = queries[:7] if rank == 0 else queries[7:12]  # ranks ask different numbers of queries
     scores, rows = index.search(mine, 5)
     again = index.search(queries[12:] if rank == 0 else queries[12:13], 3)[1]  # a second collective call
+    faiss_rows, folders = {}, {}
+    for name, options in {"flat": FaissOptions(shard=True), "ivf": FaissOptions(type="ivf", shard=True)}.items():
+        ctx.new_index = lambda o=options: FaissIndex(o.model_copy(update={"dir": args.workdir / name}), ctx)
+        sharded = ctx.passage_index("hashed-v1", hashed_vectors, batch_size=8)
+        faiss_rows[name] = sharded.search(mine, 5)[1].tolist()
+        folders[name] = str(sharded.folder)
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, {"rows": rows.tolist(), "scores": scores.tolist(),
-                                                   "again": again.tolist(), "shard": len(index.shard)})
+                                                   "again": again.tolist(), "shard": len(index.shard),
+                                                   "faiss": faiss_rows})
     if rank == 0:
-        args.out.write_text(json.dumps({"world": world, "folder": str(built.folder), "ranks": gathered}))
+        args.out.write_text(json.dumps({"world": world, "folder": str(built.folder), "ranks": gathered,
+                                        "faiss_folders": folders}))
     shutdown(0)
 
 

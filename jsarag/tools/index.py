@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from jsarag.api import Batch, Example
+from jsarag.api import Batch, Example, PassageIndex
 from jsarag.loop import load_weights
 from jsarag.passages import cached_folders, describe, index_dir
 from jsarag.recipe import load_recipe
@@ -21,13 +21,23 @@ def index_command(action: str, config: Path, overrides: list[str], query: str | 
         return 0
     built = run.prior.passage_index()
     if action == "build":
-        where = built.folder if built is not None else "(this retriever keeps no passage index)"
-        print(f"index ready in {where} for {len(run.ctx.kb)} passages of {run.ctx.kb.path}")
+        _print_build(run, built)
     elif action == "info":
         _print_info(run, built.folder if built is not None else None)
     else:
         _print_search(run, query, k)
     return 0
+
+
+def _print_build(run: Run, built: PassageIndex | None) -> None:
+    """Say where the index is and what its build cost (embedding shards reused from a killed build included)."""
+    where = built.folder if built is not None else "(this retriever keeps no passage index)"
+    print(f"index ready in {where} for {len(run.ctx.kb)} passages of {run.ctx.kb.path}")
+    meta = built.meta if built is not None else {}
+    if "shards" in meta:
+        print(f"built {meta['built']} on {meta['world_size']} rank(s): {meta['vectors']} vectors embedded in "
+              f"{meta['embed_seconds']} s ({meta['shards_reused']} of {meta['shards']} shards reused from an "
+              f"interrupted build), index built in {meta['build_seconds']} s")
 
 
 def _print_info(run: Run, folder: Path | None) -> None:

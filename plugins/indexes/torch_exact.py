@@ -15,10 +15,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pydantic import Field
 
 from jsarag.api import Context, Index, IndexOptions, hookimpl
+from jsarag_plugins.indexes.shards import best, shard_range, sharded_search
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -61,7 +61,7 @@ class TorchExactIndex(Index):
         lo, hi = shard_range(len(vectors), self.ctx.rank, self.ctx.world_size)
         shard = torch.empty((hi - lo, vectors.shape[1]), dtype=DTYPES[self.options.dtype], device=self.ctx.device)
         for start in range(lo, hi, self.options.load_chunk):
-            block = np.asarray(vectors[start : min(hi, start + self.options.load_chunk)], np.float32)
+            block = np.asarray(vectors[start : min(hi, start + self.options.load_chunk)])  # float16 or 32
             with warnings.catch_warnings():  # a read-only memmap: torch only reads it here
                 warnings.simplefilter("ignore", UserWarning)
                 shard[start - lo : start - lo + len(block)].copy_(torch.from_numpy(block))
@@ -78,14 +78,7 @@ class TorchExactIndex(Index):
     def search(self, queries: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, rows), each (B, k), best first; a collective when the run has several ranks."""
         mine = torch.as_tensor(queries).to(self.ctx.device, torch.float32)  # (B, d)
-        if self.ctx.world_size == 1:
-            scores, rows = self._local_top(mine, k)
-            return scores.cpu().numpy(), rows.cpu().numpy()
-        everyone, sizes = _all_gather_rows(mine)  # (N, d), N = sum of the ranks' B
-        scores, rows = self._local_top(everyone, k)  # (N, k)
-        scores, rows = _best(torch.cat(_all_gather(scores), 1), torch.cat(_all_gather(rows), 1), k)
-        start = sum(sizes[: self.ctx.rank])
-        return scores[start : start + len(mine)].cpu().numpy(), rows[start : start + len(mine)].cpu().numpy()
+        return sharded_search(mine, k, self._local_top, self.ctx.rank, self.ctx.world_size)
 
     def _local_top(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, k) best scores and KB rows within this shard (-inf / -1 where the shard has fewer than k)."""
@@ -96,38 +89,9 @@ class TorchExactIndex(Index):
         for start in range(0, len(self.shard), self.options.block_size):
             block = (q @ self.shard[start : start + self.options.block_size].T).float()  # (N, b)
             top = block.topk(min(k, block.shape[1]), dim=1)
-            scores, rows = _best(torch.cat([scores, top.values], 1),
-                                 torch.cat([rows, top.indices + self.offset + start], 1), k)
+            scores, rows = best(torch.cat([scores, top.values], 1),
+                                torch.cat([rows, top.indices + self.offset + start], 1), k)
         return scores, rows
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rows [lo, hi) of rank's contiguous share of n rows (ceil(n / world) each, the last ranks may get fewer)."""
-    share = -(-n // world)
-    lo = min(n, rank * share)
-    return lo, min(n, lo + share)
-
-
-def _best(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, k) best of (N, M) candidates by score, ties broken by the lower row (empty -1 rows last)."""
-    by_row = torch.where(rows < 0, torch.iinfo(torch.long).max, rows).argsort(dim=1, stable=True)
-    scores, rows = scores.gather(1, by_row), rows.gather(1, by_row)
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
-    return scores.gather(1, order), rows.gather(1, order)
-
-
-def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return parts
-
-
-def _all_gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate every rank's (B_r, d) tensor in rank order, B_r may differ; return it and the B_r."""
-    sizes = [int(s) for s in _all_gather(torch.tensor([len(tensor)], device=tensor.device))]
-    padded = torch.zeros((max(sizes), tensor.shape[1]), dtype=tensor.dtype, device=tensor.device)
-    padded[: len(tensor)] = tensor
-    return torch.cat([part[:size] for part, size in zip(_all_gather(padded), sizes)]), sizes
 
 
 @hookimpl

@@ -17,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -59,6 +59,11 @@ class DenseOptions(Options):
     """Tokens kept by the encoders (queries and passages)."""
     embed_batch_size: int = Field(64, ge=1)
     """Passages per batch when embedding the KB."""
+    embed_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute type of the passage encoder when embedding the KB (autocast): auto = bfloat16 on a GPU, float32 on
+    the CPU. Part of the index's cache key."""
+    vectors_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of the KB's passage vectors (the memory-mapped vectors.npy): float16 halves disk and RAM."""
     train_passages: bool = False
     """Train the passage encoder too: candidate logits use the live encoder; the KB is re-embedded on ``refresh``."""
     passage_lr: float = Field(1e-5, ge=0)
@@ -108,7 +113,10 @@ class DenseRetriever(Truncations, Retriever):
         key = f"{ctx.role}.passage_model" if options.passage_model else f"{ctx.role}.model"
         self.passage_encoder = self._load(passage_path, options.passage_model or options.model, key)
         self.passage_encoder.requires_grad_(self.trains_passages)
-        self.encoder_fingerprint = f"{model_fingerprint(passage_path)}:{options.max_length}"
+        self.embed_dtype = options.embed_dtype if options.embed_dtype != "auto" else (
+            "bfloat16" if ctx.device.type == "cuda" else "float32")
+        precision = "" if self.embed_dtype == "float32" else f":{self.embed_dtype}"
+        self.encoder_fingerprint = f"{model_fingerprint(passage_path)}:{options.max_length}{precision}"
         self.passages = self._initial_index()
         self.schedule = parse_refresh(options.refresh) if options.refresh else []
         if options.train_passages:
@@ -227,32 +235,41 @@ class DenseRetriever(Truncations, Retriever):
 
     @torch.no_grad()
     def _embed_passages(self, texts: list[str]) -> np.ndarray:
-        return self.passage_encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True,
-                                           show_progress_bar=False)
+        with self._embed_precision():
+            return self.passage_encoder.encode(texts, convert_to_numpy=True, normalize_embeddings=True,
+                                               show_progress_bar=False, batch_size=len(texts))
+
+    def _embed_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast the passage encoder to ``embed_dtype`` while it embeds the KB (nothing for float32)."""
+        if self.embed_dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=getattr(torch, self.embed_dtype))
 
     # -- the index of a trained passage encoder ---------------------------------------------------------------------
 
     def _initial_index(self) -> PassageIndex:
-        return self.ctx.passage_index(self.encoder_fingerprint, self._embed_passages, self.options.embed_batch_size)
+        return self.ctx.passage_index(self.encoder_fingerprint, self._embed_passages, self.options.embed_batch_size,
+                                      dtype=self.options.vectors_dtype)
 
     def _adopt_live_index(self) -> None:
         """Search the last refresh's index (in the run's folder) when there is one, e.g. to evaluate a trained run."""
         if not self.schedule:
             log.warning("train_passages without refresh: the index is only re-embedded at the end of training")
-        live = self.ctx.live_passage_index(self.encoder_fingerprint)
+        live = self.ctx.live_passage_index(self.encoder_fingerprint, self.options.vectors_dtype)
         if live is not None:
             self.passages = live
 
     def refresh(self, step: int) -> None:
         """Re-embed the KB with the live passage encoder (every rank a share) and rebuild the index; a collective."""
         self.passages = self.ctx.passage_index(self.encoder_fingerprint, self._embed_live,
-                                               self.options.embed_batch_size, live_step=step)
+                                               self.options.embed_batch_size, live_step=step,
+                                               dtype=self.options.vectors_dtype)
         log.info("re-embedded %d passages with the passage encoder of step %d", len(self.ctx.kb), step)
 
     @torch.no_grad()
     def _embed_live(self, texts: list[str]) -> np.ndarray:
         """(n, d) vectors from the trained passage encoder, in eval mode (no dropout), one forward per call."""
-        with _eval_mode(self.passage_encoder):
+        with _eval_mode(self.passage_encoder), self._embed_precision():
             return self._vectors(self.passage_encoder, texts).float().cpu().numpy()
 
     def on_train_start(self, start_step: int, max_steps: int) -> None:
