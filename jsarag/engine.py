@@ -64,7 +64,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        except torch.distributed.DistNetworkError as exc:
+            raise _port_error(exc) from None
         _unlink_shared_memory_name()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
@@ -72,6 +75,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def _port_error(exc: Exception) -> Exception:
+    """Say which port is taken and how to pick another, for the rendezvous failure that means it (else ``exc``)."""
+    if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
+        return exc
+    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "?")
+    return RecipeError(f"MASTER_PORT {port} on {address} is already in use (another job's rendezvous?): pass a free "
+                       f"port to the launcher, e.g. deepspeed --master_port {_free_port()} ..., or set MASTER_PORT")
 
 
 def _unlink_shared_memory_name() -> None:
@@ -296,6 +308,23 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
+
+
+def all_ranks_max(value: float) -> float:
+    """The largest of every rank's ``value`` (a collective)."""
+    flag = torch.tensor([float(value)], device=get_accelerator().current_device_name())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())
+
+
+def barrier_quietly() -> None:
+    """Wait for every rank, if there is a process group and every peer is still there."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone
+            pass
 
 
 def shutdown(code: int = 0) -> None:
