@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from jsarag.api import Context, Index
 
 log = logging.getLogger("jsarag.passages")
+PROGRESS_SECONDS = 30  # off a terminal, a line about the embedding at least this often
 Encode = Callable[[list[str]], np.ndarray]  # texts -> (n, d) vectors
 
 
@@ -135,6 +137,10 @@ def build_folder(ctx: Context, index: Index, target: Path, meta: dict[str, Any],
                  replace: bool = False) -> None:
     """Embed the KB with every rank and build ``index`` into ``target`` (rank 0), atomically; all ranks call this."""
     tmp = ctx.broadcast(_make_tmp(target) if ctx.rank == 0 else None)
+    if ctx.rank == 0:
+        once = "" if replace else f"; done once: later runs load it from {target}"
+        log.info("preparing the passage index: embedding %d passages of %s with %s on %d rank(s)%s", len(ctx.kb),
+                 ctx.kb.path, meta["encoder"], ctx.world_size, once)
     started = time.perf_counter()
     try:
         embed_all(ctx, encode, batch_size, tmp / "vectors.npy", check=index.check_vectors)
@@ -246,8 +252,10 @@ def embed_all(ctx: Context, encode: Encode, batch_size: int, path: Path,
     lo, hi = shard_range(n, ctx.rank, ctx.world_size)
     share = -(-n // ctx.world_size)
     starts = range(0, share, batch_size)
-    bar = tqdm(total=share, desc="embedding passages", unit="passage", disable=ctx.rank != 0, mininterval=2)
-    vectors = None
+    bar = tqdm(total=share, desc="embedding passages", unit="passage", mininterval=2,
+               disable=ctx.rank != 0 or not sys.stderr.isatty())  # off a terminal: log lines (below)
+    vectors, started = None, time.perf_counter()
+    logged = started
     for start in starts:
         rows = [min(lo + start + i, n - 1) for i in range(min(batch_size, share - start))]
         block = np.asarray(encode([ctx.kb.render(r) for r in rows]), dtype=np.float32)  # (b, d)
@@ -258,10 +266,22 @@ def embed_all(ctx: Context, encode: Encode, batch_size: int, path: Path,
         keep = max(0, min(len(rows), hi - lo - start))
         vectors[lo + start : lo + start + keep] = block[:keep]
         bar.update(len(rows))
+        done, now = start + len(rows), time.perf_counter()
+        if ctx.rank == 0 and done < share and (start == 0 or bar.disable and now - logged >= PROGRESS_SECONDS):
+            left = (now - started) / done * (share - done)
+            log.info("embedded %d of %d passages; about %s left", done * ctx.world_size, n, _duration(left))
+            logged = now
     bar.close()
     vectors.flush()
     ctx.barrier()
     return vectors
+
+
+def _duration(seconds: float) -> str:
+    """A time estimate in words: 40 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _open_shared(ctx: Context, path: Path, shape: tuple[int, int]) -> np.memmap:

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_crash import finish, start, without_root_override
 
-from conftest import read_log, run_cli
-from jsarag.errors import RecipeError, TrainingError
+from conftest import read_log, run_cli, tiny_recipe_dict
+from jsarag.errors import DataError, RecipeError, TrainingError
 from jsarag.recipe import load_recipe
 from jsarag.safety import LOCK_FILE, check_resume, lock_output_dir, release_locks, unlock_output_dir
 
@@ -105,6 +106,23 @@ def test_resuming_with_another_estimator_is_a_short_refusal(stopped_run):
     assert done.returncode == 2 and len(done.stderr) < 800, done.stderr[-3000:]
     assert "  estimator.name: \"rag\" -> \"jsa\"" in done.stderr.splitlines() and "Missing key" not in done.stderr
 
+
+def test_resume_force_continues_with_a_longer_run_and_the_report_shows_both_sessions(stopped_run):
+    out = stopped_run.parent / "run"
+    refused = run_cli("train", "--config", str(stopped_run), "train.max_steps=3", check=False)
+    assert refused.returncode == 2 and "  train.max_steps: 4 -> 3" in refused.stderr.splitlines()
+    done = run_cli("train", "--config", str(stopped_run), "train.max_steps=3", "resume=force")
+    assert "resume: force: continuing" in done.stderr and "with train.max_steps 4 -> 3" in done.stderr
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    report = (out / "report.md").read_text()
+    sessions = report[report.index("## Sessions"):report.index("## Curves")]
+    rows = [line for line in sessions.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert " | 0 → 2 | " in rows[0] and "stopped at train.stop_at=2" in rows[0] and rows[0].endswith("| — |")
+    assert " | 2 → 3 | " in rows[1] and "| finished |" in rows[1] and rows[1].endswith("`train.max_steps` 4 → 3 |")
+    assert "- wall time: " in report and " in 2 sessions (this one: " in report and " s/step (median" in report
+    assert "- date: " in report and "jsarag 0.2.0, commit " in report
+    resolved = report[report.index("Resolved, with every default:"):]
+    assert "grace_seconds: 25.0" in resolved and "max_nonfinite: 5" in resolved  # defaults the recipe never wrote
 
 
 # -- the output_dir lock ----------------------------------------------------------------------------------------------
@@ -233,9 +251,86 @@ def test_past_the_grace_period_the_run_exits_143_without_a_checkpoint(tiny_recip
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
+# -- silent oddities: top-k larger than the KB, long texts; data before embedding; the first run ----------------------
+
+def test_top_k_larger_than_the_kb_is_counted_warned_and_reported(tiny_recipe, caplog):
+    from jsarag.loop import counters
+    from jsarag.run import build_run
+    from jsarag_plugins.observers.report import setup_lines
+
+    recipe = load_recipe(tiny_recipe(candidates={"prior_top_k": 50}, eval={"top_k": 100}))
+    with caplog.at_level(logging.WARNING, logger="jsarag.run"):
+        run = build_run(recipe, engine=False)
+    assert run.clamped == {"eval.top_k": 24, "candidates.prior_top_k": 24}
+    assert "eval.top_k: 100 is more than the KB's 24 passages: using 24" in caplog.text
+    assert "candidates.prior_top_k: 50 is more than the KB's 24 passages: using 24" in caplog.text
+    found = counters(run)
+    assert found["clamped_to_kb"] == {"eval.top_k": 24, "candidates.prior_top_k": 24}
+    lines = setup_lines(run.ctx.recipe, None, 1, 0, found)
+    assert "- evaluation: first 6 examples of each split, prior top-24 (eval.top_k 100 is more than the KB holds)" \
+        in lines
+    assert "- `candidates.prior_top_k`: 50 is more than the KB's 24 passages: 24 used" in lines
+
+
+def test_a_one_megabyte_question_is_shortened_in_the_report_and_in_search_output(tiny_recipe, capsys):
+    from jsarag.tools.index import index_command
+    from jsarag_plugins.observers.report import samples_section
+
+    question = "how long do I knead rye dough " * 35_000  # about 1 MB
+    sample = {"id": "q", "question": question, "answer": question, "prediction": question,
+              "retrieved": [{"id": "p", "title": question, "text": question, "gold": False}]}
+    section = samples_section("dev", 3, [sample])
+    one_line = " ".join(question.split())
+    assert len(section) < 2_500 and f"… (+{len(one_line) - 400:,} characters)" in section
+    index_command("search", tiny_recipe(), [], question[:100_000], 3)  # one argument's limit on Linux: 128 KiB
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("query: how long do I knead") and len(printed[0]) < 300
+    assert "(+99,800 characters)" in printed[0] and all(len(line) < 400 for line in printed)
+
+
+def test_the_data_is_checked_before_anything_is_embedded_or_built(tiny_data, tmp_path, monkeypatch):
+    from jsarag.run import build_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "passages.jsonl").write_text((tiny_data / "passages.jsonl").read_text())
+    (data / "train.jsonl").write_text('{"id": "broken", "question": \n')
+    (data / "dev.jsonl").write_text((tiny_data / "dev.jsonl").read_text())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe_dict(data, tmp_path / "run")))
+    monkeypatch.setenv("JSARAG_CACHE", str(tmp_path / "fresh-cache"))
+    with pytest.raises(DataError, match="train.jsonl"):
+        build_run(load_recipe(path), engine=False)
+    assert not (tmp_path / "fresh-cache" / "indexes").exists() and not (tmp_path / "fresh-cache" / "models").exists()
+
+
+def test_the_first_run_says_what_it_prepares_and_roughly_how_long(tiny_recipe, tmp_path, monkeypatch, caplog):
+    from jsarag.run import build_run
+
+    monkeypatch.setenv("JSARAG_CACHE", str(tmp_path / "fresh-cache"))
+    recipe = load_recipe(tiny_recipe(retriever={"embed_batch_size": 8}))
+    with caplog.at_level(logging.INFO, logger="jsarag.passages"):
+        build_run(recipe, train=False, generator=False)
+        first = caplog.text
+        caplog.clear()
+        build_run(recipe, train=False, generator=False)
+    assert "preparing the passage index: embedding 24 passages of " in first
+    assert "done once: later runs load it from " in first and "embedded 8 of 24 passages; about " in first
+    assert "preparing the passage index" not in caplog.text and "loaded index" in caplog.text
+
+
+def test_verbose_shows_library_lines_that_the_log_file_always_keeps(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    quiet = run_cli("index", "info", "--config", str(recipe))
+    loud = run_cli("index", "info", "--config", str(recipe), "--verbose")
+    assert "sentence_transformers" not in quiet.stderr and "sentence_transformers" in loud.stderr
+    assert "built successfully" not in quiet.stdout + quiet.stderr
+    kept = (tmp_path / "run" / "logs" / "rank0.log").read_text()
+    assert kept.count("INFO sentence_transformers") >= 2  # both runs'
+
+
 @pytest.fixture(autouse=True)
 def _release_locks():
     """Runs built in this process lock their output_dir; let later runs in other processes have it."""
     yield
     release_locks()
-
