@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -64,6 +65,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
+        check_build_lock()
         try:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         except torch.distributed.DistNetworkError as exc:
@@ -75,6 +77,34 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+STALE_BUILD_LOCK_SECONDS = 600  # DeepSpeed's CPU comm op builds in ~30 s; a lock this old was left by a killed build
+
+
+def build_lock() -> Path:
+    """The lock torch's JIT build of DeepSpeed's CPU comm op holds while it builds (torch's own folder rule)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                       f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / "deepspeed_shm_comm" / "lock"
+
+
+def check_build_lock(max_age: float = STALE_BUILD_LOCK_SECONDS) -> None:
+    """Refuse a stale build lock (a RecipeError naming it and the fix): torch would wait on it forever, silently."""
+    lock = build_lock()
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > max_age:
+        raise RecipeError(f"{lock} is {age / 60:.0f} minutes old: a DeepSpeed op build that was killed left it, and "
+                          f"every DeepSpeed start would wait on it forever; remove it (rm {lock}) and run again")
 
 
 def _port_error(exc: Exception) -> Exception:

@@ -334,3 +334,30 @@ def _release_locks():
     """Runs built in this process lock their output_dir; let later runs in other processes have it."""
     yield
     release_locks()
+
+
+
+# -- a stale DeepSpeed build lock: one line instead of a silent hang ---------------------------------------------------
+
+def test_a_stale_deepspeed_build_lock_is_one_line_naming_it_and_a_fresh_one_is_left_alone(tiny_recipe, tmp_path,
+                                                                                          monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from jsarag.engine import build_lock, check_build_lock
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)  # torch's default folder, by torch's own rule
+    assert build_lock().parent == Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    assert build_lock() == lock
+    check_build_lock()  # no lock: nothing to say
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 9 * 60, time.time() - 9 * 60))
+    check_build_lock()  # a build may still be running
+    os.utime(lock, (time.time() - 11 * 60, time.time() - 11 * 60))
+    done = run_cli("train", "--config", str(tiny_recipe()), check=False, env={"TORCH_EXTENSIONS_DIR": str(lock.parent.parent)},
+                   timeout=120)
+    assert done.returncode == 2 and error_lines(done) == [
+        f"jsarag: error: {lock} is 11 minutes old: a DeepSpeed op build that was killed left it, and every DeepSpeed "
+        f"start would wait on it forever; remove it (rm {lock}) and run again"], done.stderr[-3000:]
