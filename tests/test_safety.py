@@ -77,6 +77,7 @@ def test_another_estimator_or_rank_count_is_a_short_refusal(tiny_recipe):
     path = tiny_recipe()
     error = _refusal(_record(path), path, "estimator.name=jsa", mode="force")
     assert error.__notes__[0] == 'estimator.name: "rag" -> "jsa"'  # not jsa's options, not state-dict keys
+    assert len(error.__notes__) == 2 and "(1 key differs)" in str(error), error.__notes__
     assert len(str(error) + "".join(error.__notes__)) < 600
     error = _refusal(_record(path, ranks=2), path)
     assert error.__notes__[0] == "ranks: 2 -> 1" and "cannot change in a resumed run" in error.__notes__[1]
@@ -210,8 +211,9 @@ def test_a_second_two_rank_run_on_a_busy_output_dir_refuses_and_a_killed_runs_lo
         finish(first)
     assert second.returncode == 2, second.stderr[-3000:]
     errors = [line for line in second.stderr.splitlines() if line.startswith("jsarag:")]
+    command = holder["command"] if len(holder["command"]) <= 120 else holder["command"][:120] + "..."  # one line
     assert errors == [f"jsarag: error: output_dir {out} is in use by another run (pid {holder['pid']} on host {HOST}, "
-                      f"started {holder['started']}: {holder['command']}); two runs in one folder would mix their "
+                      f"started {holder['started']}: {command}); two runs in one folder would mix their "
                       "checkpoints and logs. Wait for it to end or stop it, or choose another output_dir"]
     assert steps_then == list(range(1, len(steps_then) + 1))  # the refused run wrote nothing there
 
