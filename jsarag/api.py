@@ -54,7 +54,7 @@ from jsarag.errors import (
 from jsarag.files import atomic_write
 from jsarag.models import loading, model_fingerprint, resolve_model
 from jsarag.paths import stays_inside
-from jsarag.summary import metrics_table
+from jsarag.summary import metrics_table, shorten
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +74,7 @@ __all__ = [
     "Context", "Component", "Retriever", "Index", "Generator", "Estimator", "Observer", "Truncations",
     # services
     "atomic_write", "render_history", "text_key", "resolve_model", "model_fingerprint", "loading", "metrics_table",
+    "shorten",
     # errors
     "JsaragError", "RecipeError", "PluginError", "DataError", "ModelError", "IndexMismatchError", "TrainingError",
 ]
@@ -318,6 +319,9 @@ class Context:
     recipe: dict[str, Any] = field(default_factory=dict)  # the resolved recipe as plain data, every default filled
     # (its "posterior" is None when the run builds none)
     recipe_source: dict[str, Any] = field(default_factory=dict)  # the recipe as written (merged, with overrides)
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # each invocation of a training run, oldest first
+    # (the first start, then every resume): started, start_step, end_step, seconds, ended, version, commit, host,
+    # ranks, command, changes (recipe keys changed at that resume: [old, new]); one list shared by every component
     new_index: Callable[[], Index] | None = None  # builds a fresh instance of the recipe's index component
     loaded: dict[Any, Any] = field(default_factory=dict, repr=False)  # the run's loaded passage indexes (shared)
 

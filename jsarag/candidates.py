@@ -46,6 +46,12 @@ def ranked(batch: Batch, prior: Retriever, k: int, history_turns: int) -> Candid
     return Candidates(rows=rows, prior_logits=prior.score(queries, rows))
 
 
+def clamped_top_k(settings: dict[str, int], kb_size: int) -> dict[str, int]:
+    """The top-k settings (recipe key -> k) larger than the KB, each with the k used: the KB's size (candidate_set,
+    ranked and evaluation take min(k, P); a run counts and reports these)."""
+    return {key: kb_size for key, k in settings.items() if k > kb_size}
+
+
 def pad_rows(rows: list[list[int]]) -> torch.Tensor:
     """(B, C) long tensor of per-example row lists, -1 padded (C >= 1)."""
     width = max([1, *map(len, rows)])

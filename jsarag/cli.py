@@ -7,12 +7,13 @@ what they need when they run, so that ``jsarag --help`` and ``jsarag plugins`` s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jsarag.errors import JsaragError, PluginError
+from jsarag.errors import Interrupted, JsaragError, PluginError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a run")
     compare.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a bar chart of the metrics")
     args = parser.parse_args(argv)
+    _set_verbose(args)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
         "diagnose": _diagnose, "data": _data, "config": _config, "export": _export, "ask": _ask,
@@ -112,13 +114,23 @@ def recipe_main(default_config: Path, argv: Sequence[str] | None = None) -> None
     """Run a recipe script: ``--config`` (default: the YAML beside the script) and ``key=value`` overrides."""
     parser = argparse.ArgumentParser(description=f"train from {default_config.name}")
     _recipe_arguments(parser, required=False, default=default_config)
-    _exit(lambda: _train(parser.parse_args(argv)), distributed=True)
+    args = parser.parse_args(argv)
+    _set_verbose(args)
+    _exit(lambda: _train(args), distributed=True)
+
+
+def _set_verbose(args: argparse.Namespace) -> None:
+    if getattr(args, "verbose", False):  # only the commands that take a recipe have the flag
+        os.environ["JSARAG_VERBOSE"] = "1"  # read where the run's logging is set up (jsarag.run.configure_logging)
 
 
 def _recipe_arguments(parser: argparse.ArgumentParser, required: bool, default: Path | None = None) -> None:
     parser.add_argument("--config", type=Path, required=required, default=default, help="recipe YAML")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library's log lines and progress bars on the terminal (also: "
+                        "JSARAG_VERBOSE=1); <output_dir>/logs/ keeps them either way")
 
 
 def _exit(command: Callable[[], int], distributed: bool) -> None:
@@ -126,22 +138,44 @@ def _exit(command: Callable[[], int], distributed: bool) -> None:
     code = 1
     try:
         code = command()
+    except Interrupted as exc:  # SIGINT / SIGTERM during training: checkpointed
+        _print_once(exc, f"jsarag: {exc}")
+        code = exc.code
     except JsaragError as exc:
         if isinstance(exc, PluginError) and exc.__cause__ is not None and not isinstance(exc.__cause__, JsaragError):
             traceback.print_exception(exc.__cause__)  # a bug inside a plugin: show where
-        print(f"jsarag: error: {exc}", file=sys.stderr)
-        for note in getattr(exc, "__notes__", []):
-            print(f"  {note}", file=sys.stderr)
+        notes = "".join(f"\n  {note}" for note in getattr(exc, "__notes__", []))
+        _print_once(exc, f"jsarag: error: {exc}{notes}")
         code = 2
-    except BaseException:  # a bug or an interrupt: show where, then exit (the finally below skips sys.exit)
+    except KeyboardInterrupt:  # Ctrl-C before training began (during it, jsarag.safety.GracefulStop handles it)
+        print("jsarag: interrupted (SIGINT) before training began: nothing to save", file=sys.stderr)
+        code = 130
+    except BaseException:  # a bug: show where, then exit (the finally below skips sys.exit)
         traceback.print_exc()
         code = 1
     finally:
+        if "jsarag.safety" in sys.modules:
+            from jsarag.safety import release_locks
+
+            release_locks()  # emptied: the next run sees no stale lock
         if distributed and "jsarag.engine" in sys.modules:
             from jsarag.engine import shutdown
 
             shutdown(code)
     sys.exit(code)
+
+
+def _print_once(exc: JsaragError, text: str) -> None:
+    """Print an error's text; one that every rank raised alike is printed by rank 0 alone, before the other ranks
+    exit (the launcher kills the rest of a job once one rank has exited)."""
+    if not exc.every_rank:
+        print(text, file=sys.stderr)
+        return
+    from jsarag.engine import barrier_quietly
+
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr, flush=True)
+    barrier_quietly()
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -200,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     from jsarag.run import build_run
     from jsarag.summary import print_summary
 
-    run = build_run(load_recipe(args.config, args.overrides))
+    run = build_run(load_recipe(args.config, args.overrides), exclusive=True)
     metrics = train(run)
     if run.ctx.rank == 0:
         print_summary(metrics, run.recipe.output_dir)

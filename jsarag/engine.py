@@ -12,6 +12,7 @@ import os
 import pickle
 import socket
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,7 +69,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        check_build_lock()
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        except torch.distributed.DistNetworkError as exc:
+            raise _port_error(exc) from None
         _unlink_shared_memory_name()
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
@@ -76,6 +81,43 @@ def init_distributed() -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+STALE_BUILD_LOCK_SECONDS = 600  # DeepSpeed's CPU comm op builds in ~30 s; a lock this old was left by a killed build
+
+
+def build_lock() -> Path:
+    """The lock torch's JIT build of DeepSpeed's CPU comm op holds while it builds (torch's own folder rule)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+                       f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / "deepspeed_shm_comm" / "lock"
+
+
+def check_build_lock(max_age: float = STALE_BUILD_LOCK_SECONDS) -> None:
+    """Refuse a stale build lock (a RecipeError naming it and the fix): torch would wait on it forever, silently."""
+    lock = build_lock()
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > max_age:
+        raise RecipeError(f"{lock} is {age / 60:.0f} minutes old: a DeepSpeed op build that was killed left it, and "
+                          f"every DeepSpeed start would wait on it forever; remove it (rm {lock}) and run again")
+
+
+def _port_error(exc: Exception) -> Exception:
+    """Say which port is taken and how to pick another, for the rendezvous failure that means it (else ``exc``)."""
+    if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
+        return exc
+    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "?")
+    return RecipeError(f"MASTER_PORT {port} on {address} is already in use (another job's rendezvous?): pass a free "
+                       f"port to the launcher, e.g. deepspeed --master_port {_free_port()} ..., or set MASTER_PORT")
 
 
 def _unlink_shared_memory_name() -> None:
@@ -416,6 +458,23 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item() > 0)
+
+
+def all_ranks_max(value: float) -> float:
+    """The largest of every rank's ``value`` (a collective)."""
+    flag = torch.tensor([float(value)], device=get_accelerator().current_device_name())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return float(flag.item())
+
+
+def barrier_quietly() -> None:
+    """Wait for every rank, if there is a process group and every peer is still there."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone
+            pass
 
 
 def shutdown(code: int = 0) -> None:

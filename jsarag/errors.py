@@ -6,6 +6,8 @@ from __future__ import annotations
 class JsaragError(Exception):
     """Base class of every error jsarag raises on bad input or a failed run."""
 
+    every_rank: bool = False  # raised alike on every rank after they agreed: rank 0 alone prints it
+
 
 class RecipeError(JsaragError):
     """A recipe (YAML or command-line override) is malformed, unknown or mistyped."""
@@ -29,3 +31,11 @@ class IndexMismatchError(JsaragError):
 
 class TrainingError(JsaragError):
     """Training cannot go on (too many non-finite losses in a row, an unreadable checkpoint)."""
+
+
+class Interrupted(JsaragError):
+    """Training stopped on SIGINT or SIGTERM; ``code`` is the exit code (128 + the signal's number)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

@@ -13,6 +13,7 @@ from jsarag.data import Example
 from jsarag.faults import fault_point
 from jsarag.files import atomic_write
 from jsarag.metrics import generation_metrics, retrieval_metrics
+from jsarag.safety import stop_agreed
 
 SAMPLES, SAMPLE_PASSAGES = 3, 3  # examples kept for reports, with this many of their top-ranked passages
 
@@ -35,13 +36,16 @@ def evaluate(run: Any, split: str) -> Evaluation:
     training = run.engine is not None and run.engine.training
     if training:
         run.engine.eval()
-    with torch.no_grad():
-        for start in range(0, len(mine), run.recipe.eval.batch_size):
-            positions = mine[start : start + run.recipe.eval.batch_size]
-            rows.extend(_evaluate_batch(run, Batch([examples[p] for p in positions], positions)))
-            fault_point("eval")  # crash tests: a kill in the middle of an evaluation
-    if training:
-        run.engine.train()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(mine), run.recipe.eval.batch_size):
+                positions = mine[start : start + run.recipe.eval.batch_size]
+                rows.extend(_evaluate_batch(run, Batch([examples[p] for p in positions], positions)))
+                fault_point("eval")  # crash tests: a kill in the middle of an evaluation
+                stop_agreed(run.ctx.world_size)  # a signal during training abandons the evaluation
+    finally:
+        if training:
+            run.engine.train()
     results = {pos: row for pos, row in _gather(rows, run.ctx.world_size)}  # repeats collapse
     ordered = [results[p] for p in range(n)]
     metrics = retrieval_metrics([r["ranked"] for r in ordered], [list(examples[p].gold_passage_ids) for p in range(n)])

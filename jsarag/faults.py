@@ -6,7 +6,9 @@ answers True there (the loop then turns that micro-step's loss into NaN). Named 
 ``step`` (after backward, before the optimizer step), ``nonfinite_loss`` (a micro-step's loss), ``eval`` (after each
 evaluation batch, in the middle of an evaluation), ``checkpoint_written`` (every file of a
 checkpoint written into its hidden folder, before the rename that publishes it) and ``checkpoint_renamed`` (renamed,
-before ``latest`` names it). With ``JSARAG_FAULT`` unset a point costs one comparison.
+before ``latest`` names it). ``JSARAG_FAULT_SIGNAL=SIGTERM`` (or SIGINT) makes a fault point send that signal to
+its own process instead of SIGKILL (a scheduler's preemption at a chosen moment). With ``JSARAG_FAULT`` unset a point
+costs one comparison.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def _parse(spec: str | None) -> dict[str, int]:
 
 _FAULTS = _parse(os.environ.get("JSARAG_FAULT"))
 _RANK = os.environ.get("JSARAG_FAULT_RANK")
+_SIGNAL = os.environ.get("JSARAG_FAULT_SIGNAL", "SIGKILL")
+if _SIGNAL not in ("SIGKILL", "SIGTERM", "SIGINT"):
+    raise JsaragError(f"JSARAG_FAULT_SIGNAL: '{_SIGNAL}' is not SIGKILL, SIGTERM or SIGINT")
 _arrivals: Counter[str] = Counter()
 
 
@@ -42,7 +47,8 @@ def poisoned(name: str) -> bool:
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process at the arrival at ``name`` that ``JSARAG_FAULT`` names."""
+    """SIGKILL this process (or send it ``JSARAG_FAULT_SIGNAL``) at the arrival at ``name`` that ``JSARAG_FAULT``
+    names."""
     if poisoned(name):
-        print(f"jsarag: fault injected: SIGKILL at {name}:{_FAULTS[name]} (pid {os.getpid()})", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        print(f"jsarag: fault injected: {_SIGNAL} at {name}:{_FAULTS[name]} (pid {os.getpid()})", flush=True)
+        os.kill(os.getpid(), getattr(signal, _SIGNAL))

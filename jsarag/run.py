@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from jsarag import checkpoint
 from jsarag.api import (
     Batch,
     Candidates,
@@ -38,7 +43,7 @@ from jsarag.api import (
     StepResult,
     Trainable,
 )
-from jsarag.candidates import candidate_set, ranked
+from jsarag.candidates import candidate_set, clamped_top_k, ranked
 from jsarag.data import ExampleSet, load_examples
 from jsarag.engine import build_engine, init_distributed, load_ds_config
 from jsarag.errors import JsaragError, PluginError, RecipeError
@@ -46,6 +51,7 @@ from jsarag.kb import load_kb
 from jsarag.models import cache_dir
 from jsarag.plugins import Plugins, Registered, trace, tracing
 from jsarag.recipe import CandidatesConfig, ComponentSpec, Recipe
+from jsarag.safety import check_resume, lock_output_dir, prepare_output_dir
 
 log = logging.getLogger("jsarag.run")
 T = TypeVar("T")
@@ -68,6 +74,8 @@ class Run:
     candidates_config: CandidatesConfig
     sources: dict[int, Registered]  # id(component) -> the registry entry it was built from
     engine: Any = None
+    clamped: dict[str, int] = field(default_factory=dict)  # top-k settings larger than the KB -> the value used
+    started: float = field(default_factory=time.monotonic)  # when building the run began (time.monotonic)
 
     # -- the hook points -------------------------------------------------------------------------------------------
 
@@ -168,26 +176,35 @@ def seed_everything(seed: int) -> None:
 
 
 def build_run(recipe: Recipe, train: bool = True, engine: bool | None = None, generator: bool = True,
-              plugins: Plugins | None = None) -> Run:
+              plugins: Plugins | None = None, exclusive: bool = False) -> Run:
     """Build a run: with ``train`` the train split is loaded and (unless ``engine`` is False) a DeepSpeed engine wraps
-    every trainable module; without ``generator`` only the retrievers are built (retrieval-only commands)."""
+    every trainable module; without ``generator`` only the retrievers are built (retrieval-only commands). With
+    ``exclusive`` (``jsarag train``) the run locks output_dir for this process and refuses checkpoints there that
+    another recipe wrote, before anything loads (``jsarag.safety``)."""
     # Subnormal floats (below 1.2e-38) make CPU matmuls ~150x slower; rag's backward meets them whenever a passage's
     # posterior weight is ~1e-40, turning a 2 s step into a minute. Flushing them to zero changes only such values.
     torch.set_flush_denormal(True)
+    started = time.monotonic()
     plugins = plugins or Plugins()
-    rank, world, device = init_distributed()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it found, line by line
+    with contextlib.redirect_stdout(io.StringIO()) as library_output:  # DeepSpeed prints its op builds
+        rank, world, device = init_distributed()
+    output_dir = recipe.output_dir
+    configure_logging(rank)
+    on_rank_zero(lambda: prepare_output_dir(output_dir), world)
+    output_dir.mkdir(parents=True, exist_ok=True)  # other hosts' view of it
+    configure_logging(rank, output_dir)
+    log_library_output(library_output.getvalue())
+    resolved = recipe.resolved()
+    if not plugins.component("estimator", recipe.estimator.name).cls.needs_posterior:
+        resolved["posterior"] = None  # this run builds none
+    if exclusive:
+        on_rank_zero(lambda: lock_output_dir(output_dir), world)
+        on_rank_zero(lambda: _check_resumable(recipe, resolved, world), world)
     seed_everything(recipe.train.seed)
     kb = load_kb(recipe.data.kb_source())
     train_set = _examples(recipe.data.train_split, kb, recipe) if train else None
     eval_sets = {s: _examples(s, kb, recipe) for s in recipe.data.eval_splits}
-    output_dir = recipe.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
     ds_config = load_ds_config(recipe.deepspeed.config, recipe.deepspeed.overrides, recipe.train, output_dir)
-    resolved = recipe.resolved()
-    if not plugins.component("estimator", recipe.estimator.name).cls.needs_posterior:
-        resolved["posterior"] = None  # this run builds none
     ctx = Context(role="run", kb=kb, output_dir=output_dir, cache_dir=cache_dir(), device=device, rank=rank,
                   world_size=world, history_turns=recipe.data.max_history_turns, ds_config=ds_config,
                   recipe=resolved, recipe_source=recipe.source)
@@ -202,6 +219,7 @@ def build_run(recipe: Recipe, train: bool = True, engine: bool | None = None, ge
         return component
 
     estimator = build("estimator", "estimator", recipe.estimator)
+    clamped = _clamped(recipe, len(kb), estimator.needs_posterior, rank)
     prior = build("prior", "retriever", recipe.retriever)
     posterior = None
     if estimator.needs_posterior:
@@ -210,11 +228,127 @@ def build_run(recipe: Recipe, train: bool = True, engine: bool | None = None, ge
               generator=build("generator", "generator", recipe.generator) if generator else None,
               estimator=estimator,
               observers=[build(spec.name, "observer", spec) for spec in recipe.observers],
-              train_set=train_set, eval_sets=eval_sets, candidates_config=recipe.candidates, sources=sources)
+              train_set=train_set, eval_sets=eval_sets, candidates_config=recipe.candidates, sources=sources,
+              clamped=clamped, started=started)
     if train if engine is None else engine:
         run.engine = build_engine(trainables(run), ds_config, recipe.train)
     seed_everything(recipe.train.seed * 1000 + rank)  # sampling differs across ranks, repeats across runs
     return run
+
+
+def on_rank_zero(check: Callable[[], None], world: int) -> None:
+    """Run a check on rank 0 and raise its JsaragError on every rank (a collective with several ranks)."""
+    error = None
+    if torch.distributed.get_rank() == 0 if world > 1 else True:
+        try:
+            check()
+        except JsaragError as exc:
+            error = exc
+    if world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        error.every_rank = world > 1
+        raise error
+
+
+def _check_resumable(recipe: Recipe, resolved: dict[str, Any], world: int) -> None:
+    """Refuse checkpoints in output_dir that ``resume: never`` forbids or another recipe wrote (rank 0)."""
+    root = recipe.output_dir / "checkpoints"
+    tag = checkpoint.latest(root)
+    if tag is None:
+        return
+    if recipe.resume == "never":
+        raise RecipeError(f"resume: never, but {root} already holds checkpoints (the latest is {tag}); a new run there "
+                          "would mix two runs' checkpoints. Choose another output_dir, delete that folder, or set "
+                          "resume: auto to continue the run")
+    saved = checkpoint.load_loop_state(root, tag, 0)
+    check_resume(saved.get("run"), resolved, world, recipe.resume, str(root / tag))
+
+
+def _clamped(recipe: Recipe, kb_size: int, needs_posterior: bool, rank: int) -> dict[str, int]:
+    """The top-k settings larger than the KB, with the value used; a warning for each (rank 0)."""
+    settings = {"eval.top_k": recipe.eval.top_k}
+    if recipe.candidates.mode == "topk":
+        settings["candidates.prior_top_k"] = recipe.candidates.prior_top_k
+        if needs_posterior:
+            settings["candidates.posterior_top_k"] = recipe.candidates.posterior_top_k
+    clamped = clamped_top_k(settings, kb_size)
+    for key, used in clamped.items():
+        if rank == 0:
+            log.warning("%s: %d is more than the KB's %d passages: using %d", key, settings[key], kb_size, used)
+    return clamped
+
+
+# -- what the terminal shows, what the log file keeps ----------------------------------------------------------------
+
+VERBOSE = "JSARAG_VERBOSE"  # set (to 1) to see every library's log lines and progress bars on the terminal
+_installed: list[logging.Handler] = []  # the handlers configure_logging added to the root logger
+
+
+class TerminalFilter(logging.Filter):
+    """What reaches the terminal: rank 0 shows jsarag's own INFO lines, every rank shows warnings; verbose: rank 0
+    shows every library's INFO lines too."""
+
+    def __init__(self, rank: int, verbose: bool) -> None:
+        super().__init__()
+        self.rank, self.verbose = rank, verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return self.rank == 0 and (self.verbose or record.name.startswith("jsarag"))
+
+
+def configure_logging(rank: int, output_dir: Path | None = None) -> None:
+    """Send jsarag's lines and every warning to the terminal and everything, libraries' INFO lines included, to
+    <output_dir>/logs/rank<r>.log; quiet the libraries' own handlers and progress bars (unless JSARAG_VERBOSE)."""
+    verbose = os.environ.get(VERBOSE, "") not in ("", "0")
+    root = logging.getLogger()
+    for handler in _installed:
+        root.removeHandler(handler)
+        handler.close()
+    _installed.clear()
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    terminal.addFilter(TerminalFilter(rank, verbose))
+    _installed.append(terminal)
+    if output_dir is not None:
+        (output_dir / "logs").mkdir(exist_ok=True)
+        kept = logging.FileHandler(output_dir / "logs" / f"rank{rank}.log", encoding="utf-8", delay=True)
+        kept.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        _installed.append(kept)
+    for handler in _installed:
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it found, line by line
+    _route_library_loggers(verbose)
+
+
+def _route_library_loggers(verbose: bool) -> None:
+    """Make DeepSpeed's and transformers' loggers write through the root logger (so into the log file), and switch
+    their progress bars (weights loading, shards writing) off unless verbose."""
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    for handler in list(deepspeed_logger.handlers):  # its own handler prints to stdout
+        deepspeed_logger.removeHandler(handler)
+    deepspeed_logger.propagate = True
+    deepspeed_logger.setLevel(logging.INFO)
+    if not verbose:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+        (transformers_logging.enable_progress_bar if verbose else transformers_logging.disable_progress_bar)()
+
+
+def log_library_output(text: str) -> None:
+    """Keep what a library printed (captured) in the log file."""
+    for line in filter(None, (line.rstrip() for line in text.splitlines())):
+        logging.getLogger("library").info("%s", line)
 
 
 def _role(ctx: Context, role: str) -> Context:

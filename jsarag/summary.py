@@ -1,4 +1,5 @@
-"""The table a finished run prints (and report.md shows): every evaluation of metrics.json, metrics in %."""
+"""The table a finished run prints (and report.md shows): every evaluation of metrics.json, metrics in %; and
+``shorten``, which cuts long texts in what reports and commands print."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,3 +26,11 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print(f"metrics: {output_dir / 'metrics.json'}")
     if (output_dir / "report.md").exists():
         print(f"report:  {output_dir / 'report.md'}")
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """Return ``text`` cut to ``limit`` characters, saying how many were left out (for reports and command output;
+    the JSONL files keep every text whole)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}… (+{len(text) - limit:,} characters)"

@@ -140,17 +140,19 @@ def recipe_context(recipe, cache_dir: Path, role: str = "prior"):
 
 
 def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            env: dict[str, str] | None = None, master_port: int | None = None,
+            preexec_fn=None) -> subprocess.CompletedProcess:
     """Run `jsarag ...` in a fresh process, or under `deepspeed --num_gpus N` when launcher_ranks > 0."""
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # a run in this process set them
     env = {**inherited, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            **(env or {})}
     if launcher_ranks:
         command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(launcher_ranks),
-                   "--master_port", str(_free_port()), "--module", "jsarag", *args]
+                   "--master_port", str(master_port or _free_port()), "--module", "jsarag", *args]
     else:
         command = [*JSARAG, *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec_fn)
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
     return done

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -129,7 +130,7 @@ def assert_same_run(expected: Path, actual: Path, step: int) -> None:
     assert names == sorted(p.name for p in b.iterdir())
     assert {"loop_rank0.pt", "loop_rank1.pt"} <= set(names)
     for name in names:
-        assert_equal(load_pt(a / name), load_pt(b / name), name)
+        assert_equal(training_state(load_pt(a / name)), training_state(load_pt(b / name)), name)
     assert checkpoint.latest(actual / "checkpoints") == tag
     assert not list((actual / "checkpoints").glob(".*-step-*")), "a hidden half or old checkpoint was left behind"
     metrics = [json.loads((d / "metrics.json").read_text()) for d in (expected, actual)]
@@ -137,6 +138,12 @@ def assert_same_run(expected: Path, actual: Path, step: int) -> None:
     log_a, log_b = read_log(expected), read_log(actual)
     assert [r["step"] for r in log_a] == list(range(1, step + 1))
     assert log_a == [dict(r, time=x["time"]) for r, x in zip(log_b, log_a)] and len(log_a) == len(log_b)
+
+
+def training_state(saved: Any) -> Any:
+    """A checkpoint file's content without the record of the run that wrote it (its recipe, with output_dir, and its
+    sessions, with dates and wall times): what training continues from."""
+    return {k: v for k, v in saved.items() if k != "run"} if isinstance(saved, dict) else saved
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -231,6 +238,60 @@ def test_kill_9_of_the_whole_job_at_a_random_moment(jsa_reference, tiny_data, tm
           f"hidden folders {hidden}")
 
     assert succeeded(launch(recipe))
+    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
+
+
+# -- SIGINT and SIGTERM -----------------------------------------------------------------------------------------------
+
+def stopped_at(done: subprocess.CompletedProcess, name: str, root: Path) -> int:
+    """The step a job stopped at on a signal, read from its one line (rank 0 alone prints it)."""
+    lines = [line for line in done.stderr.splitlines() if line.startswith("jsarag: stopped by")]
+    assert len(lines) == 1, done.stderr[-5000:]
+    match = re.fullmatch(rf"jsarag: stopped by {name} after step (\d+) of 8: checkpoint {re.escape(str(root))}/"
+                         r"step-(\d{7}) written; run the same command again to resume", lines[0])
+    assert match and int(match[1]) == int(match[2]), lines[0]
+    return int(match[1])
+
+
+@pytest.mark.launcher
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_job_checkpoints_and_resumes_to_the_uninterrupted_result(name, jsa_reference, tiny_data,
+                                                                                         tmp_path):
+    """Ctrl-C sends SIGINT to every process of the terminal's job; a scheduler sends SIGTERM to every process."""
+    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
+    job = start(recipe)
+    wait_for_first_step(job, tmp_path / "run" / "train_log.jsonl")
+    os.killpg(job.pid, getattr(signal, name))
+    stopped = finish(job)
+    root = tmp_path / "run" / "checkpoints"
+    assert stopped.returncode == -getattr(signal, name), stopped.stderr[-5000:]  # 130 / 143 in a shell
+    step = stopped_at(stopped, name, root)
+    assert stopped.stderr.count(f"jsarag.safety: {name}: finishing the current step, then writing a checkpoint") == 2
+    assert checkpoint.latest(root) == checkpoint.tag_for(step) and step < 8
+    # the only traceback is the `deepspeed` runner's own KeyboardInterrupt (DeepSpeed's launcher, not jsarag)
+    assert stopped.stderr.count("Traceback") == (name == "SIGINT"), stopped.stderr[-5000:]
+
+    resumed = launch(recipe)
+    assert succeeded(resumed)
+    assert f"resumed from {root / checkpoint.tag_for(step)}" in resumed.stderr
+    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
+
+
+@pytest.mark.launcher
+def test_sigterm_to_one_rank_mid_evaluation_stops_both_and_resumes_to_the_uninterrupted_result(jsa_reference,
+                                                                                               tiny_data, tmp_path):
+    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
+    # rank 1 alone gets SIGTERM after the first batch of the evaluation at step 4
+    env = {"JSARAG_FAULT": "eval:1", "JSARAG_FAULT_RANK": "1", "JSARAG_FAULT_SIGNAL": "SIGTERM"}
+    stopped = launch(recipe, env=env)
+    root = tmp_path / "run" / "checkpoints"
+    assert stopped.returncode == 143, stopped.stderr[-5000:]  # the ranks' own code, passed on by the launcher
+    assert stopped_at(stopped, "SIGTERM", root) == 4 and checkpoint.latest(root) == "step-0000004"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == []  # abandoned, not recorded
+    assert not list((tmp_path / "run" / "predictions").glob("*step0000004*"))
+
+    resumed = launch(recipe)  # the evaluation at step 4 is redone, then steps 5-8
+    assert succeeded(resumed)
     assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
 
 

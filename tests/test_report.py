@@ -42,7 +42,8 @@ def _observe_fake_run(recipe_path: Path, output_dir: Path) -> None:
     history = _history()
     report.on_train_start(start_step=0, max_steps=8)
     for step in range(1, 9):
-        report.on_step_end(step=step, loss=5.0 / step, stats={"acceptance": 0.1 * step, "ess": 2.0})
+        report.on_step_end(step=step, loss=5.0 / step, stats={"acceptance": 0.1 * step, "ess": 2.0,
+                                                              "unique_states": 1.5, "lr/prior.encoder": 1e-3 / step})
         record = next((r for r in history if r["step"] == step), None)
         if record:
             report.on_eval_end(step=step, split="dev", metrics=record["dev"], samples=[SAMPLE])
@@ -55,15 +56,27 @@ def test_report_observer_writes_markdown_and_plots(tiny_recipe, tmp_path):
     _observe_fake_run(recipe, tmp_path / "run")
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| dev | em | 10.00 | 25.00 | +15.00 |" in report  # first -> last, change in points
+    assert "| split | metric | before training (step 0) | after training (step 8) | change (points) |" in report
     assert "| dev | recall@1 | 25.00 | 75.00 | +50.00 |" in report
     assert "| 4 | dev | 15.00 | 30.00 | 50.00 |" in report  # every evaluation
     assert "CANNOTANSWER turns: kept" in report and "generator likelihood: `mean`" in report
     assert "How long do I boil an egg?" in report and "prediction: ten minutes" in report
     assert "`p7` ✓ Eggs: Boil eggs" in report and "…" in report  # long passages are cut
     assert "```yaml\n" in report and "  likelihood: mean\n" in report  # the recipe as YAML
-    for name in ("loss", "acceptance", "eval_metrics"):
+    for name in ("loss", "learning_rate", "acceptance", "ess", "unique_states", "eval_metrics"):
         _assert_png(tmp_path / "run" / "plots" / f"{name}.png")
         assert f"](plots/{name}.png)" in report
+
+
+def test_step_plots_label_whole_steps_and_smooth_the_loss_beside_the_raw_one():
+    from jsarag_plugins.observers.plots import integer_steps, new_figure, smoothing_window
+
+    ax = new_figure().add_subplot()
+    ax.plot([1, 2, 3], [3.0, 2.0, 1.0])
+    integer_steps(ax)
+    ax.figure.canvas.draw()
+    assert all(tick == int(tick) for tick in ax.get_xticks()), ax.get_xticks()  # 1, 2, 3: not 1.25, 1.5, ...
+    assert [smoothing_window(n) for n in (3, 4, 8, 50, 5000)] == [1, 2, 2, 5, 100]
 
 
 def _fake_run(folder: Path, step: int, dev: dict[str, float], finished: bool = True) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from jsarag.api import Batch, Example, PassageIndex
+from jsarag.api import Batch, Example, PassageIndex, shorten
 from jsarag.loop import load_weights
 from jsarag.passages import cached_folders, describe, index_dir
 from jsarag.recipe import load_recipe
@@ -76,10 +76,10 @@ def _print_search(run: Run, query: str, k: int) -> None:
     took = time.perf_counter() - started
     if run.ctx.rank != 0:
         return
-    print(f"query: {query}  ({took * 1000:.0f} ms)")
+    print(f"query: {shorten(' '.join(query.split()), 200)}  ({took * 1000:.0f} ms)")
     kb = run.ctx.kb
     for rank, (row, logit) in enumerate(zip(candidates.rows[0].tolist(), candidates.prior_logits[0].tolist()), start=1):
         if row >= 0:
             passage = kb.passage(row)
-            text = " ".join(kb.render(row).split())[:160]
+            text = shorten(" ".join(kb.render(row).split()), 160)
             print(f"{rank:>3}. row {row:<7} logit {logit:8.3f}  [{passage.id}] {text}")
