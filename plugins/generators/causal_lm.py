@@ -113,7 +113,9 @@ class CausalLM(Truncations, Generator):
                 ).to(ctx.device)
         _check_context(self.model.config, options)
         if options.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = self.model  # the backward pass recomputes a layer by the same scoring law as its forward
+            recompute = {"use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), scoring_mode(model))}
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         if options.lora is not None:
             self.model = _with_lora(self.model, options.lora)
         prefix, self.suffix = _split_template(options.prompt)
@@ -222,7 +224,7 @@ class CausalLM(Truncations, Generator):
     def _idle_forward(self) -> torch.Tensor:
         """() a forward over two EOS tokens whose result is multiplied by 0: keeps ZeRO-3's collectives in step."""
         ids = torch.full((1, 2), self.tokenizer.eos_token_id, device=self.ctx.device)
-        return self.model(input_ids=ids, logits_to_keep=1).logits.float().sum()
+        return self.model(input_ids=ids, logits_to_keep=1, use_cache=False).logits.float().sum()
 
     def _chunks(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[int]]:
         """Split pair indices (longest first) into groups whose padded size fits score_batch_tokens."""
@@ -247,7 +249,9 @@ class CausalLM(Truncations, Generator):
         self.tokens_with_grad += input_ids.numel() if torch.is_grad_enabled() else 0
         attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=self.ctx.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+        # no KV cache: in eval mode (scoring_mode) the model would keep one, and a checkpointing layer's recomputed
+        # forward in the backward pass would append to it a second time
+        logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False,
                             logits_to_keep=span + 1).logits[:, :-1]  # (n, A, V): predicts the last A tokens
         targets = input_ids[:, -span:]  # (n, A)
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
