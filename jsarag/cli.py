@@ -73,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from jsarag.tools.bench_quality import add_arguments as bench_quality_arguments
 
     bench_quality_arguments(bench.add_parser("quality", help="train estimators alike per dataset and seed; score them"))
+    from jsarag.tools.bench_estimators import add_arguments as bench_estimators_arguments
+
+    bench_estimators_arguments(bench.add_parser("estimators", help="planted-retrieval benchmark: curves per "
+                                                "estimator over seeds"))
     from jsarag.tools.bench_step import add_arguments as step_cost_arguments
 
     step_cost_arguments(bench.add_parser("step-cost", help="seconds, generator tokens and memory of a step per estimator"))
@@ -92,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     grad.add_argument("--estimators", default="rag,vrag,jsa,exact",
                       help="comma-separated; LABEL:NAME measures one twice, LABEL.key=value sets its options")
     grad.add_argument("--draws", type=int, default=20, help="independent draws per estimator")
+    grad.add_argument("--warmup", type=int, default=10,
+                      help="micro-steps that fill an estimator's state (jsa's cache) before its cached-regime draws "
+                           "(0: fresh chains only)")
     grad.add_argument("--out", type=Path, help="JSON report (default: <output_dir>/grad_variance.json)")
     grad.add_argument("--checkpoints", type=Path, metavar="RUN_DIR",
                       help="measure at the models as built and at every checkpoint of this run (plots per step)")
@@ -262,7 +269,7 @@ def _index(args: argparse.Namespace) -> int:
 def _diagnose(args: argparse.Namespace) -> int:
     from jsarag.tools.diagnose import grad_variance
 
-    grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out, args.checkpoints)
+    grad_variance(args.config, args.overrides, args.estimators, args.draws, args.out, args.checkpoints, args.warmup)
     return 0
 
 
@@ -278,6 +285,10 @@ def _bench(args: argparse.Namespace) -> int:
         from jsarag.tools.bench_quality import main as bench_quality
 
         return bench_quality(args)
+    if args.what == "estimators":
+        from jsarag.tools.bench_estimators import main as bench_estimators
+
+        return bench_estimators(args)
     if args.what == "step-cost":
         from jsarag.tools.bench_step import main as step_cost
 

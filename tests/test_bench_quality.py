@@ -75,6 +75,15 @@ def test_bench_quality_trains_aggregates_and_reuses(bench_recipe, tiny_data, tmp
             if name != "wall_s":
                 assert f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}" in markdown
     assert "`dev` split, 4 examples scored; 2 step(s)" in markdown and "over 2 seeds" in markdown
+    gains = report["significance"]["tiny"]  # jsa minus the only other estimator, paired over the 4 examples
+    for name, cell in report["aggregates"]["tiny"]["jsa"].items():
+        if name != "wall_s":
+            g = gains[name]
+            assert g["baseline"] == "rag" and g["examples"] == 4 and g["seeds"] == 2
+            assert g["diff"] == pytest.approx(cell["mean"] - report["aggregates"]["tiny"]["rag"][name]["mean"],
+                                              abs=1e-6)
+            assert g["ci95"][0] <= g["diff"] + 1e-9 and g["diff"] <= g["ci95"][1] + 1e-9
+    assert "minus the best other estimator per metric" in markdown
 
     before = snapshot(out)
     second = bench(bench_recipe, tiny_data, out, "jsa.proposals=8")

@@ -55,15 +55,16 @@ def report(sharp_generator, tiny_data, tmp_path_factory):
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_data, folder / "run")))
     out = folder / "grad_variance.json"
     done = run_cli("diagnose", "grad-variance", "--config", str(recipe), "--estimators",
-                   "rag,vrag,vrag_mc:vrag,jsa,exact", "--draws", "8", "--out", str(out),
+                   "rag,vrag,vrag_mc:vrag,jsa,jsa_m2:jsa,exact", "--draws", "8", "--warmup", "10", "--out", str(out),
                    f"generator.model={sharp_generator}", *SMALL_PROMPTS, "candidates.posterior_top_k=24",
-                   "jsa.proposals=400", "vrag_mc.samples=4")
+                   "jsa.proposals=400", "jsa_m2.proposals=2", "jsa_m2.use=last", "vrag_mc.samples=4")
     return json.loads(out.read_text()), done.stdout
 
 
 def test_report_has_every_estimator_and_group(report):
     data, stdout = report
-    assert list(data["estimators"]) == ["rag", "vrag", "vrag_mc", "jsa", "exact"]
+    assert list(data["estimators"]) == ["rag", "vrag", "vrag_mc", "jsa", "jsa@cached", "jsa_m2", "jsa_m2@cached",
+                                        "exact"]  # only jsa keeps state: it alone is measured in the cached regime
     settings = data["settings"]
     assert (settings["kb_size"], settings["batch_size"], settings["draws"], settings["likelihood"]) == (24, 2, 8, "sum")
     assert set(settings["groups"]) == GROUPS
@@ -75,6 +76,7 @@ def test_report_has_every_estimator_and_group(report):
         assert f"| {label} | prior |" in stdout
     assert data["estimators"]["rag"]["candidates"] == "prior top-4"
     assert data["estimators"]["jsa"]["candidates"] == "prior top-4 ∪ posterior top-24"
+    assert settings["warmup"] == 10 and "| jsa@cached | prior |" in stdout
     assert data["estimators"]["exact"]["candidates"] == "all 24 passages"
     assert "bias against the exact gradient is by design" in stdout  # rag's bias is reported as expected
 
@@ -105,6 +107,14 @@ def test_jsa_is_far_less_biased_than_truncated_rag(report):
         assert jsa[group]["bias_corrected"] < 0.2, group
     assert jsa["prior"]["bias_corrected"] < 0.15 * rag["prior"]["bias"]
     assert jsa["prior"]["cosine"] > 0.95
+
+
+def test_the_cached_regime_starts_every_chain_from_its_cached_state(report):
+    estimators = report[0]["estimators"]
+    for label in ("jsa", "jsa_m2"):
+        assert estimators[label]["regime"] == "fresh" and estimators[label]["stats"]["cache_hit"] == 0.0
+        assert estimators[f"{label}@cached"]["regime"].startswith("cached")
+        assert estimators[f"{label}@cached"]["stats"]["cache_hit"] == 1.0
 
 
 def test_exact_costs_more_tokens_than_rag(report):

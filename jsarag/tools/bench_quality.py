@@ -12,10 +12,20 @@ Each run folder keeps ``bench_quality.json`` (the run's merged recipe and its wa
 run's output). A finished run (``metrics.json`` with a ``final`` entry) is reused; an unfinished one resumes through
 the recipe's ``resume: auto``; a folder made with other settings is an error, never silently mixed in.
 
-    jsarag bench quality --datasets doqa=,squad=../shared/data/squad_v1.1 --seeds 0,1,2 train.max_steps=200
+    jsarag bench quality --datasets doqa=,squad=$SQUAD_DIR --seeds 0,1,2 train.max_steps=200
 
-Writes ``<out>/quality.json`` (every run, the mean and sample standard deviation over seeds, the machine and the
-command), ``<out>/quality.md`` (a table per dataset) and ``<out>/quality.png``; prints the Markdown.
+Writes ``<out>/quality.json`` (every run, the mean and sample standard deviation over seeds, the paired bootstrap
+intervals below, the machine and the command), ``<out>/quality.md`` (a table per dataset) and ``<out>/quality.png``;
+prints the Markdown.
+
+**Is a gain real?** Per dataset and metric, the difference of ``--treatment`` (jsa) minus the best other estimator
+(the one with the best mean over seeds for that metric), with a 95% paired bootstrap interval over the evaluation
+examples: every run scores the same examples (its predictions file), each estimator's per-example scores are
+averaged over its seeds, and ``--resamples`` resamplings of the examples (the same for every estimator: paired)
+give the percentile interval of the difference. Example-averaged metrics (Recall@k, MRR, EM, F1, ROUGE-L) are
+resampled as per-example scores; corpus BLEU from per-example n-gram counts (summed, then BLEU's formula, the
+computation of jsarag.metrics). An interval that excludes 0 is a difference the examples support at the 5% level;
+it does not cover what another draw of the training data or of more seeds would do beyond the seeds run.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,9 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe with the models and knobs shared by every run (its estimator is replaced)")
     parser.add_argument("--estimators", default="rag,vrag,jsa",
                         help="comma-separated estimator names; LABEL:NAME runs one twice, LABEL.key=value sets options")
-    parser.add_argument("--datasets", default="doqa=,squad=../shared/data/squad_v1.1",
-                        help="comma-separated NAME=DATA_DIR (empty DATA_DIR = the embedded DoQA cooking)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated train.seed values")
+    parser.add_argument("--datasets", default="doqa=",
+                        help="comma-separated NAME=DATA_DIR (empty DATA_DIR = the embedded DoQA cooking), e.g. "
+                             "doqa=,squad=path/to/squad_v1.1")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
+    parser.add_argument("--treatment", default="jsa",
+                        help="label compared with the best other estimator (paired bootstrap interval per metric)")
+    parser.add_argument("--resamples", type=int, default=10000, help="bootstrap resamplings of the examples")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_quality"), help="folder of the runs and results")
     parser.add_argument("--num-gpus", type=int, default=0,
                         help="launch each run under `deepspeed --num_gpus N` (0: one plain process)")
@@ -98,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
     for position, job in enumerate(jobs, 1):
         run_job(job, f"[{position}/{len(jobs)}]", args.config, args.num_gpus)
     report = build_report(jobs, settings)
+    report["significance"] = significance(jobs, args.treatment, args.resamples)
     markdown = render_markdown(report)
     write_text(out / "quality.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(out / "quality.md", markdown + "\n")
@@ -432,6 +448,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     for dataset, estimators_table in report["aggregates"].items():
         runs = [r for r in report["runs"] if r["dataset"] == dataset]
         parts += [f"## {dataset}", "", _dataset_line(dataset, runs, s), "", _table(estimators_table), ""]
+        gains = report.get("significance", {}).get(dataset)
+        if gains:
+            parts += [gains_table(gains), ""]
     parts += ["![quality](quality.png)", ""]
     return "\n".join(parts).rstrip()
 
@@ -485,3 +504,138 @@ def draw_chart(path: Path, report: dict[str, Any]) -> Path:
                         for label, cells in estimators.items()}
               for dataset, estimators in report["aggregates"].items()}
     return quality_bar_chart(path, panels)
+
+
+# -- is a gain real: paired bootstrap over the evaluation examples ---------------------------------------------------
+
+BLEU_ORDERS = {"bleu1": 1, "bleu4": 4}
+
+
+@dataclass
+class ExampleScores:
+    """One run's scores of each evaluation example: per-example values of the example-averaged metrics, and BLEU's
+    per-example counts (clipped matches and candidate n-grams for n = 1..4, prediction and closest reference length)."""
+
+    ids: list[str]
+    values: dict[str, Any]  # metric -> (n,) float array
+    bleu: Any  # (n, 10) float array: matches 1-4, candidates 1-4, prediction length, reference length
+
+
+def example_scores(job: Job) -> ExampleScores:
+    """Score every example of a finished run's final predictions file against its split's references."""
+    import numpy as np
+
+    from jsarag.data import load_examples
+    from jsarag.metrics import generation_metrics, retrieval_metrics
+
+    recipe, split = job.recipe, job.dataset.split
+    path = job.output_dir / "predictions" / f"{split}-step{job.step:07d}.jsonl"
+    rows = [json.loads(line) for line in path.open() if line.strip()]
+    examples = load_examples(recipe.data.split_source(split), None, drop_unanswerable=recipe.data.drop_unanswerable,
+                             on_error=recipe.data.on_error)
+    if [ex.id for ex in examples[:len(rows)]] != [r["id"] for r in rows]:
+        raise JsaragError(f"{path}: its example ids are not the first {len(rows)} of the {split} split in order")
+    names = ("recall@1", "recall@10", "mrr@10", "em", "f1", "rougeL")
+    values: dict[str, list[float]] = {n: [] for n in names}
+    for row, ex in zip(rows, examples):
+        scores = {**retrieval_metrics([row["ranked"]], [list(ex.gold_passage_ids)]),
+                  **generation_metrics([row["prediction"]], [list(ex.answers)])}
+        for n in names:
+            values[n].append(scores[n])
+    bleu = np.array([bleu_counts(row["prediction"], list(ex.answers)) for row, ex in zip(rows, examples)])
+    return ExampleScores([r["id"] for r in rows], {n: np.array(v) for n, v in values.items()}, bleu)
+
+
+def bleu_counts(prediction: str, references: list[str]) -> list[float]:
+    """BLEU's counts for one example, as torchmetrics counts them (whitespace tokens, clipped n-gram matches against
+    the union of the references, the reference length closest to the prediction's, the first on ties)."""
+    pred = prediction.split() if prediction else []
+    refs = [r.split() if r else [] for r in references]
+    pred_ngrams, ref_ngrams = _ngrams(pred), Counter()
+    for ref in refs:
+        ref_ngrams |= _ngrams(ref)
+    matches, totals = [0.0] * 4, [0.0] * 4
+    for gram, count in (pred_ngrams & ref_ngrams).items():
+        matches[len(gram) - 1] += count
+    for gram, count in pred_ngrams.items():
+        totals[len(gram) - 1] += count
+    lengths = [len(r) for r in refs]
+    closest = lengths[min(range(len(lengths)), key=lambda i: abs(len(pred) - lengths[i]))]
+    return [*matches, *totals, float(len(pred)), float(closest)]
+
+
+def _ngrams(tokens: list[str]) -> Counter:
+    return Counter(tuple(tokens[j:j + i]) for i in range(1, 5) for j in range(len(tokens) - i + 1))
+
+
+def corpus_bleu(counts, order: int):
+    """(R,) corpus BLEU-``order`` of R resampled corpora from their summed counts (R, 10); 0 where a precision is 0."""
+    import numpy as np
+
+    matches, totals = counts[:, :order], counts[:, 4:4 + order]
+    pred_len, ref_len = counts[:, 8], counts[:, 9]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_precision = np.log(matches / totals).mean(-1)
+        penalty = np.where(pred_len > ref_len, 1.0, np.exp(1 - ref_len / pred_len))
+        bleu = penalty * np.exp(log_precision)
+    return np.where((matches > 0).all(-1), bleu, 0.0)
+
+
+def resampled_metric(scores: ExampleScores, metric: str, weights):
+    """(R,) a metric over R resampled evaluation sets, given as (R, n) counts of how often each example is drawn."""
+    if metric in BLEU_ORDERS:
+        return corpus_bleu(weights @ scores.bleu, BLEU_ORDERS[metric])
+    return weights @ scores.values[metric] / weights.sum(-1)
+
+
+def significance(jobs: list[Job], treatment: str, resamples: int, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per dataset and metric: treatment minus the best other estimator, with a 95% paired bootstrap interval."""
+    out: dict[str, dict[str, Any]] = {}
+    for dataset in dict.fromkeys(j.dataset.name for j in jobs):
+        mine = [j for j in jobs if j.dataset.name == dataset]
+        labels = list(dict.fromkeys(j.label for j in mine))
+        if treatment in labels and len(labels) > 1:
+            scores = {label: [example_scores(j) for j in mine if j.label == label] for label in labels}
+            out[dataset] = paired_bootstrap(scores, treatment, resamples, seed, dataset)
+    return out
+
+
+def paired_bootstrap(scores: dict[str, list[ExampleScores]], treatment: str, resamples: int, seed: int = 0,
+                     dataset: str = "") -> dict[str, Any]:
+    """Per metric: the treatment's seed-averaged metric minus the best other estimator's, and the 2.5 and 97.5
+    percentiles of that difference over resamplings of the examples drawn once for all estimators (paired)."""
+    import numpy as np
+
+    ids = scores[treatment][0].ids
+    if any(s.ids != ids for runs in scores.values() for s in runs):
+        raise JsaragError(f"bench quality: the runs on {dataset} scored different examples; cannot pair them")
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n), rng.multinomial(n, [1.0 / n] * n, size=resamples)])  # row 0: the data itself
+    out = {}
+    for metric in metric_names():
+        means = {label: np.mean([resampled_metric(s, metric, weights) for s in runs], axis=0)
+                 for label, runs in scores.items()}  # (1 + R,) the seed-averaged metric of each resampling
+        best = max((label for label in scores if label != treatment), key=lambda label: means[label][0])
+        diff = means[treatment] - means[best]
+        low, high = np.percentile(diff[1:], [2.5, 97.5])
+        out[metric] = {"treatment": treatment, "baseline": best, "diff": float(diff[0]), "ci95": [float(low),
+                       float(high)], "examples": n, "resamples": resamples, "seeds": len(scores[treatment]),
+                       "excludes_zero": bool(low > 0 or high < 0)}
+    return out
+
+
+def gains_table(gains: dict[str, dict[str, Any]]) -> str:
+    """A Markdown row per metric: treatment minus the best baseline, in points, with its 95% interval."""
+    first = next(iter(gains.values()))
+    lines = [f"`{first['treatment']}` minus the best other estimator per metric, in points, with a 95% paired "
+             f"bootstrap interval over the {first['examples']} examples ({first['resamples']} resamplings; each "
+             f"estimator's {first['seeds']} seed(s) averaged per example); **bold**: the interval excludes 0.", "",
+             "| metric | best other | difference | 95% interval |", "|---|---|---:|---:|"]
+    for metric, g in gains.items():
+        diff = f"{100 * g['diff']:+.2f}"
+        interval = f"[{100 * g['ci95'][0]:+.2f}, {100 * g['ci95'][1]:+.2f}]"
+        if g["excludes_zero"]:
+            diff, interval = f"**{diff}**", f"**{interval}**"
+        lines.append(f"| {metric} | `{g['baseline']}` | {diff} | {interval} |")
+    return "\n".join(lines)

@@ -11,6 +11,12 @@ gradient g_i is taken with plain autograd for each trainable module (``generator
     relative_variance = Σ_i ‖g_i - mean g‖² / (N - 1) / ‖g‖²
     cost_tokens       = padded tokens through the generator per draw (forwards with and without gradient)
 
+Two regimes for an estimator that keeps state between steps (its ``state_dict`` changes over a step: jsa's chain
+cache): **fresh**, its state reset before every draw (a chain starts from its first proposal), and **cached**, as in
+training: ``--warmup`` micro-steps on the same batch first (no gradient taken) fill the state, and then every draw
+continues from the state the previous one left (a chain starts from its cached state). The cached entries are
+labelled ``LABEL@cached``; an estimator without such state has only the fresh entry.
+
 Candidate sets: ``exact`` scores every passage (``candidates.mode: all``). Every other estimator is measured under the
 recipe's own ``candidates.mode``, as it would train: one without ``needs_posterior`` (rag) sees the prior's top-k only;
 one with it (vrag, jsa) the union with the posterior's top-k. ``candidates.mode=all`` measures all of them over the
@@ -86,13 +92,15 @@ class Measured:
 # -- the command ----------------------------------------------------------------------------------------------------
 
 def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws: int, out: Path | None,
-                  checkpoints: Path | None = None) -> dict:
+                  checkpoints: Path | None = None, warmup: int = 10) -> dict:
     """Measure each estimator's gradient bias, variance and cost; write the JSON report and print a Markdown table.
 
     With ``checkpoints`` (a run's output_dir), measure at the models as built (step 0) and at each of its checkpoints.
     """
     if draws < 2:
         raise RecipeError(f"--draws {draws}: the variance needs at least 2 draws")
+    if warmup < 0:
+        raise RecipeError(f"--warmup {warmup}: give 0 (fresh chains only) or more warm-up micro-steps")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RecipeError("diagnose grad-variance runs in one process: launch it without `deepspeed --num_gpus`")
     plugins = Plugins()
@@ -105,7 +113,7 @@ def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws
         Study(REFERENCE, REFERENCE, estimator_options(REFERENCE, REFERENCE, {}, recipe, plugins))
     check_kb_size(recipe, reference.options)
     sweep = checkpoint_tags(checkpoints) if checkpoints is not None else None
-    report = study_run(recipe, reference, studies, draws, sweep)
+    report = study_run(recipe, reference, studies, draws, sweep, warmup)
     path = out or recipe.output_dir / "grad_variance.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n")
@@ -122,7 +130,7 @@ def grad_variance(config: Path, overrides: Sequence[str], estimators: str, draws
 
 
 def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int,
-              sweep: list[tuple[int, Path]] | None = None) -> dict:
+              sweep: list[tuple[int, Path]] | None = None, warmup: int = 0) -> dict:
     """Build the run once; measure every study at the models as built, or at each (step, checkpoint) of ``sweep``."""
     from jsarag.engine import module_tree
     from jsarag.run import build_run, trainables
@@ -131,13 +139,13 @@ def study_run(recipe: Recipe, reference: Study, studies: list[Study], draws: int
     groups = trainable_groups(run)
     examples = fixed_batch(recipe, run)
     if sweep is None:
-        return study_once(recipe, run, reference, studies, draws, groups, examples)
+        return study_once(recipe, run, reference, studies, draws, groups, examples, warmup)
     modules = module_tree(trainables(run))  # the engine's module tree: the keys of its checkpoints
     initial = {k: v.detach().clone() for k, v in modules.state_dict().items()}
     steps = []
     for step, folder in [(0, None), *sweep]:
         missing = load_weights(modules, folder, initial)
-        entry = study_once(recipe, run, reference, studies, draws, groups, examples)
+        entry = study_once(recipe, run, reference, studies, draws, groups, examples, warmup)
         steps.append({"step": step, "checkpoint": str(folder) if folder else None, "not_in_checkpoint": missing,
                       **entry})
     return {"settings": steps[0]["settings"], "steps": steps}
@@ -171,8 +179,9 @@ def load_weights(modules: torch.nn.ModuleDict, folder: Path | None, initial: dic
 
 
 def study_once(recipe: Recipe, run: Run, reference: Study, studies: list[Study], draws: int, groups: Groups,
-               examples: list[Example]) -> dict:
-    """Take the exact gradient at the run's current weights and measure every study against it."""
+               examples: list[Example], warmup: int = 0) -> dict:
+    """Take the exact gradient at the run's current weights and measure every study against it (an estimator with
+    state in both regimes: fresh, and cached after ``warmup`` micro-steps)."""
     mode = recipe.candidates.mode
     exact = measure(run, run.estimator, examples, groups, 1, "all", recipe.train.seed)
     gradient = {name: m.mean for name, m in exact.moments.items()}
@@ -184,7 +193,15 @@ def study_once(recipe: Recipe, run: Run, reference: Study, studies: list[Study],
         results[study.label] = summarise(study, estimator, measured, gradient,
                                          describe_mode(run, study_mode, estimator))
         results[study.label]["target"] += likelihood_note(study, reference)
+        if warmup and study.name != REFERENCE:
+            estimator = run.new_estimator(study.name, study.options)
+            cached = measure(run, estimator, examples, groups, draws, study_mode, recipe.train.seed, warmup)
+            if cached is not None:
+                entry = summarise(study, estimator, cached, gradient, describe_mode(run, study_mode, estimator))
+                entry["target"] += likelihood_note(study, reference)
+                results[f"{study.label}@cached"] = {**entry, "regime": f"cached (after {warmup} warm-up steps)"}
     settings = describe_settings(recipe, run, reference, examples, groups, draws, exact)
+    settings["warmup"] = warmup
     return {"settings": settings, "exact_norms": {g: float(v.norm()) for g, v in gradient.items()},
             "estimators": results}
 
@@ -311,16 +328,21 @@ def fixed_batch(recipe: Recipe, run: Run) -> list[Example]:
 # -- measuring ------------------------------------------------------------------------------------------------------
 
 def measure(run: Run, estimator: Estimator, examples: list[Example], groups: Groups, draws: int, mode: str,
-            seed: int) -> Measured:
-    """Run ``draws`` independent micro-steps of ``estimator`` and fold their gradients into moments."""
+            seed: int, warmup: int = 0) -> Measured | None:
+    """Run ``draws`` micro-steps of ``estimator`` and fold their gradients into moments: each from the estimator's
+    initial state (``warmup`` 0: fresh), or, after ``warmup`` micro-steps without gradient, each continuing from the
+    state the one before left (cached; None when the warm-up left the estimator's state as it was: it keeps none)."""
     measured = Measured(moments={group: Moments() for group in groups})
     initial = estimator.state_dict()
     generator = run.generator
     candidates = run.candidates_config.model_copy(update={"mode": mode})
     with run.using(estimator=estimator, candidates=candidates):
         measured.candidates_per_example = candidate_count(run, examples)
+        if warmup and not warm_up(run, estimator, examples, warmup, seed, initial):
+            return None
         for draw in range(draws):
-            estimator.load_state_dict(initial)
+            if not warmup:
+                estimator.load_state_dict(initial)
             torch.manual_seed(seed + draw)
             tokens, start = token_counts(generator), time.perf_counter()
             grads, stats = draw_gradient(run, examples, groups)
@@ -332,6 +354,32 @@ def measure(run: Run, estimator: Estimator, examples: list[Example], groups: Gro
             for group, grad in grads.items():
                 measured.moments[group].add(grad)
     return measured
+
+
+def warm_up(run: Run, estimator: Estimator, examples: list[Example], steps: int, seed: int,
+            initial: dict[str, Any]) -> bool:
+    """Run ``steps`` micro-steps without gradient (seeds apart from the draws'); tell whether they changed the state
+    (an estimator whose first step leaves it unchanged keeps none: the rest are skipped)."""
+    from jsarag.loop import micro_step
+
+    for step in range(steps):
+        torch.manual_seed(seed - 1 - step)
+        with torch.no_grad():
+            micro_step(run, Batch(examples=list(examples), positions=list(range(len(examples)))))
+        if step == 0 and same_state(estimator.state_dict(), initial):
+            return False
+    return True
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two state dicts (tensors, plain values, nested) are equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def draw_gradient(run: Run, examples: list[Example], groups: Groups) -> tuple[dict[str, torch.Tensor], dict]:
@@ -373,6 +421,7 @@ def summarise(study: Study, estimator: Estimator, measured: Measured, exact: dic
     stats = {k: mean([s[k] for s in measured.stats if k in s]) for k in sorted({k for s in measured.stats for k in s})}
     return {
         "estimator": study.name,
+        "regime": "fresh",
         "options": study.options.model_dump(mode="json"),
         "target": estimator.objective or "(the estimator declares no objective)",
         "candidates": candidates,
@@ -438,7 +487,9 @@ def describe_settings(recipe: Recipe, run: Run, reference: Study, examples: list
             "train.batch_size examples of the train split)",
             "exact: every passage a candidate; other estimators: the recipe's candidates.mode, with the "
             "posterior's candidates only for estimators that need a posterior (as in a run of that estimator)",
-            "draw d seeds torch with train.seed + d and starts from the estimator's initial state (an empty cache)",
+            "draw d seeds torch with train.seed + d; fresh: from the estimator's initial state (an empty cache); "
+            "LABEL@cached: after `warmup` micro-steps without gradient, each draw continues from the state the "
+            "previous draw left (as in training, where a chain starts from its cached state)",
             "gradients by torch.autograd.grad per trainable module; variance with N - 1 in the denominator",
         ],
         "definitions": {

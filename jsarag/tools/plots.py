@@ -2,7 +2,8 @@
 
 - ``metrics_bar_chart``: several runs' final metrics side by side (``jsarag compare --plot``);
 - ``quality_bar_chart``: estimators' metrics over seeds, mean with the spread as error bars (``jsarag bench quality``);
-- ``gradient_sweep_plots``: estimators' gradient norms and variances over a run's checkpoints (``jsarag diagnose``).
+- ``gradient_sweep_plots``: estimators' gradient norms and variances over a run's checkpoints (``jsarag diagnose``);
+- ``curve_bands``: metrics over training steps per estimator, mean with ±std bands (``jsarag bench estimators``).
 """
 from __future__ import annotations
 
@@ -75,3 +76,19 @@ def gradient_sweep_plots(prefix: Path, report: dict[str, Any]) -> list[Path]:
         figure.axes[0].legend(fontsize="small")
         paths.append(save(figure, Path(f"{prefix}_{what}.png")))
     return paths
+
+
+def curve_bands(path: Path, panels: dict[str, dict[str, dict[int, tuple[float, float]]]], xlabel: str) -> Path:
+    """One panel per metric: a line per estimator through its (mean, std) by step, ±std shaded (values drawn as %)."""
+    figure = new_figure(width=5.2 * max(1, len(panels)), height=4.0)
+    for ax, (title, lines) in zip(figure.subplots(1, max(1, len(panels)), squeeze=False)[0], panels.items()):
+        for label, points in lines.items():
+            x = sorted(points)
+            mean = np.array([100 * points[s][0] for s in x])
+            std = np.array([100 * points[s][1] for s in x])
+            (line,) = ax.plot(x, mean, lw=1.6, label=label)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+        ax.set(title=title, xlabel=xlabel, ylabel="%", ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize="small")
+    return save(figure, path)

@@ -44,7 +44,7 @@ from jsarag.api import (
     resolve_model,
     text_key,
 )
-from jsarag_plugins.generators.decoding import greedy
+from jsarag_plugins.generators.decoding import answer_logprobs, beam_search, greedy, per_token
 from jsarag_plugins.generators.stack import FrozenStack, left_padded
 
 log = logging.getLogger("jsarag.causal_lm")
@@ -96,20 +96,24 @@ class CausalLMOptions(Options):
     score_batch_tokens: int = Field(8192, ge=64)
     """Padded tokens per scoring forward: pairs are micro-batched to stay under it."""
     max_new_tokens: int = Field(32, ge=1)
-    """Greedy decoding length at evaluation."""
+    """Decoding length at evaluation (answer tokens at most)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "auto"
     """Weights' dtype (auto: bfloat16 where the GPU supports it, else float32)."""
     lora: LoraOptions | None = None
     """Train low-rank adapters (e.g. {r: 8, alpha: 16}) instead of every weight; null = full fine-tuning."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% more compute)."""
-    decode: Literal["top1", "joint", "concat"] = "joint"
+    decode: Literal["top1", "joint", "concat", "rag_sequence"] = "joint"
     """Evaluation decoding: top passage only; one answer per top-k passage chosen by log p̃(h|x) + log p(ŷ|x,h);
-    or the top-k passages concatenated in one prompt."""
+    the top-k passages concatenated in one prompt; or RAG-Sequence's rule: among the top-k passages' answers, the ŷ
+    with the largest Σ_h p̃(h|x) p(ŷ|x,h) over the top-k passages (every answer scored under every passage)."""
     decode_k: int = Field(3, ge=1)
-    """Passages used by joint and concat decoding."""
+    """Passages used by joint, concat and rag_sequence decoding."""
     decode_score: Literal["sum", "mean"] = "mean"
-    """log p(ŷ|x,h) in the joint score: summed over tokens or per token (sum favours short answers)."""
+    """log p(ŷ|x,h) in the joint and rag_sequence scores: summed over tokens (a probability: RAG-Sequence's rule as
+    published) or per token (sum favours short answers)."""
+    beams: int = Field(1, ge=1)
+    """Beam width of decoding (1 = greedy); with rag_sequence each passage offers its ``beams`` best answers."""
     trust_remote_code: bool = False
     """Run Python code shipped in the model folder (its config's auto_map); off unless the recipe says so."""
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
@@ -155,7 +159,9 @@ class CausalLM(Truncations, Generator):
                 ).to(ctx.device)
         _check_context(self.model.config, options)
         if options.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = self.model  # the backward pass recomputes a layer by the same scoring law as its forward
+            recompute = {"use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(), scoring_mode(model))}
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=recompute)
         if options.lora is not None:
             self.model = _with_lora(self.model, options.lora)
         if options.lr == 0:
@@ -402,9 +408,11 @@ class CausalLM(Truncations, Generator):
         """(n, A, V) logits predicting the last A = ``span`` tokens of each sequence, and those (n, A) tokens."""
         input_ids, attention = self._padded(seqs)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        # no KV cache: in eval mode (scoring_mode) the model would keep one, and a checkpointing layer's recomputed
+        # forward in the backward pass would append to it a second time
         logits = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
                             logits_to_keep=span + 1, use_cache=False).logits[:, :-1]  # (n, A, V)
-        return logits, input_ids[:, -span:]
+        return logits, input_ids[:, -span:]  # and the (n, A) targets: the last A tokens
 
     def _forward_shared(self, seqs: list[list[int]], span: int, plan: PrefixPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """``_forward`` with each group's shared prefix run once: its KV cache is copied to the group's pairs, whose
@@ -448,11 +456,11 @@ class CausalLM(Truncations, Generator):
     # -- decoding -----------------------------------------------------------------------------------------------------
 
     def generate(self, batch: Batch, candidates: Candidates) -> list[str]:
-        """One greedy answer per example, by the recipe's decoding mode."""
+        """One answer per example (greedy or beam search), by the recipe's decoding mode."""
         k = min(self.options.decode_k, candidates.rows.shape[1])
-        synced = self.ctx.zero_stage == 3 and self.ctx.world_size > 1
-        decode = functools.partial(greedy, self.model, self.tokenizer, max_new_tokens=self.options.max_new_tokens,
-                                   synced_gpus=synced)
+        decode = self._decoder()
+        if self.options.decode == "rag_sequence":
+            return self._rag_sequence(batch, candidates, k)
         if self.options.decode == "top1":
             return decode([self.prompt_ids(batch, e, int(candidates.rows[e, 0])) for e in range(len(batch))]).texts
         if self.options.decode == "concat":
@@ -469,6 +477,36 @@ class CausalLM(Truncations, Generator):
         joint = joint.masked_fill(~candidates.mask[:, :k].cpu(), float("-inf"))
         best = joint.argmax(-1).tolist()
         return [decoded.texts[e * k + j] for e, j in enumerate(best)]
+
+    def _rag_sequence(self, batch: Batch, candidates: Candidates, k: int) -> list[str]:
+        """Decode per top-k passage (its ``beams`` best answers), score every answer under every top-k passage, keep
+        the answer with the best log Σ_h p̃(h|x) p(ŷ|x,h) (RAG-Sequence's thorough decoding)."""
+        n, filled = len(batch), candidates.mask[:, :k].cpu()  # (B, k)
+        prompts = [[self.prompt_ids(batch, e, max(int(candidates.rows[e, j]), 0)) for j in range(k)] for e in range(n)]
+        decoded = self._decoder(per_prompt=self.options.beams)([p for row in prompts for p in row])
+        answers = k * decoded.per_prompt  # candidate answers per example, passage by passage
+        pairs = [(prompts[e][j], decoded.token_ids[e * answers + a]) for e in range(n) for a in range(answers)
+                 for j in range(k)]
+        chunk = max(1, self.options.score_batch_tokens // (self.options.max_prompt_tokens + self.options.max_new_tokens))
+        logprobs = answer_logprobs(self.model, self.tokenizer.pad_token_id, [p for p, _ in pairs], [a for _, a in pairs],
+                                   chunk)  # the same number of forwards on every rank (ZeRO-3)
+        lengths = torch.tensor([len(a) for _, a in pairs])
+        scores = per_token(logprobs, lengths, self.options.decode_score).view(n, answers, k)  # (B, A, k)
+        prior = candidates.prior_log_probs()[:, :k].detach().float().cpu().masked_fill(~filled, float("-inf"))
+        marginal = torch.logsumexp(prior.unsqueeze(1) + scores, dim=-1)  # (B, A) log Σ_h p̃(h|x) p(ŷ|x,h)
+        offered = filled.repeat_interleave(decoded.per_prompt, dim=1)  # (B, A): answers decoded from a real passage
+        best = marginal.masked_fill(~offered, float("-inf")).argmax(-1).tolist()
+        return [decoded.texts[e * answers + a] for e, a in enumerate(best)]
+
+    def _decoder(self, per_prompt: int = 1):
+        """decode(prompts) -> Decoded: greedy, or beam search keeping ``per_prompt`` answers per prompt."""
+        synced = self.ctx.zero_stage == 3 and self.ctx.world_size > 1
+        common = dict(max_new_tokens=self.options.max_new_tokens, synced_gpus=synced)
+        if self.options.beams == 1:
+            return functools.partial(greedy, self.model, self.tokenizer, **common)
+        chunk = max(1, self.options.score_batch_tokens // (self.options.max_prompt_tokens + self.options.max_new_tokens))
+        return functools.partial(beam_search, self.model, self.tokenizer, beams=self.options.beams,
+                                 per_prompt=per_prompt, score_batch=chunk, **common)
 
 
 @dataclass
