@@ -412,6 +412,9 @@ def _file_identity(path: Path) -> list[Any]:
 # Data folders
 
 
+EMBEDDED_DATASETS = ("doqa_cooking", "squad_v1.1")  # the folders of jsarag/datasets
+
+
 def default_data_dir(name: str = "doqa_cooking") -> Path:
     """Return the folder of a dataset shipped with jsarag: DoQA cooking (the default) or SQuAD v1.1."""
     return Path(str(resources.files("jsarag.datasets") / name))

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import read_log, run_cli, tiny_recipe_dict
+from jsarag.data import default_data_dir
 from jsarag.errors import DataError, RecipeError
 from jsarag.tools.bench_quality import _table, check_labels, check_owned, parse_datasets, parse_seeds, spread
 
@@ -128,6 +129,8 @@ def test_bench_quality_refuses_bad_arguments(tmp_path):
     (tmp_path / "test.jsonl").write_text("")
     assert parse_datasets(f"x={tmp_path},doqa=")[0].split == "test"
     assert parse_datasets("doqa=")[0].dir is None
+    squad = parse_datasets("squad=squad_v1.1")[0]  # an embedded dataset by name
+    assert squad.dir == default_data_dir("squad_v1.1") and squad.split == "dev"
     with pytest.raises(RecipeError, match="each once"):
         parse_seeds("0,0")
 

@@ -12,7 +12,7 @@ Each run folder keeps ``bench_quality.json`` (the run's merged recipe and its wa
 run's output). A finished run (``metrics.json`` with a ``final`` entry) is reused; an unfinished one resumes through
 the recipe's ``resume: auto``; a folder made with other settings is an error, never silently mixed in.
 
-    jsarag bench quality --datasets doqa=,squad=$SQUAD_DIR --seeds 0,1,2 train.max_steps=200
+    jsarag bench quality --datasets doqa=,squad=squad_v1.1 --seeds 0,1,2 train.max_steps=200
 
 Writes ``<out>/quality.json`` (every run, the mean and sample standard deviation over seeds, the paired bootstrap
 intervals below, the machine and the command), ``<out>/quality.md`` (a table per dataset) and ``<out>/quality.png``;
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jsarag.data import default_data_dir, is_file
+from jsarag.data import EMBEDDED_DATASETS, default_data_dir, is_file
 from jsarag.errors import DataError, JsaragError, RecipeError, TrainingError
 from jsarag.paths import climbs, plain_name
 
@@ -93,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimators", default="rag,vrag,jsa",
                         help="comma-separated estimator names; LABEL:NAME runs one twice, LABEL.key=value sets options")
     parser.add_argument("--datasets", default="doqa=",
-                        help="comma-separated NAME=DATA_DIR (empty DATA_DIR = the embedded DoQA cooking), e.g. "
-                             "doqa=,squad=path/to/squad_v1.1")
+                        help="comma-separated NAME=DATA_DIR; DATA_DIR empty is the embedded DoQA cooking, and "
+                             "doqa_cooking or squad_v1.1 (no such folder here) the embedded dataset of that name, "
+                             "e.g. doqa=,squad=squad_v1.1")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values")
     parser.add_argument("--treatment", default="jsa",
                         help="label compared with the best other estimator (paired bootstrap interval per metric)")
@@ -210,6 +211,8 @@ def parse_datasets(text: str) -> list[Dataset]:
         if any(d.name == name for d in datasets):
             raise RecipeError(f"--datasets: the name '{name}' appears twice")
         folder = Path(path) if path else None
+        if path in EMBEDDED_DATASETS and not Path(path).exists():
+            folder = default_data_dir(path)  # an embedded dataset by name
         datasets.append(Dataset(name, folder, eval_split(folder or default_data_dir(), f"--datasets {name}")))
     if not datasets:
         raise RecipeError("--datasets: name at least one, e.g. --datasets doqa=")
