@@ -16,6 +16,8 @@ from jsarag.data import default_data_dir
 
 REPO = Path(__file__).resolve().parent.parent
 JSARAG = [sys.executable, "-m", "jsarag"]
+# the launcher of the environment running the tests, activated or not
+DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed") or "deepspeed"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -147,7 +149,7 @@ def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool
     env = {**inherited, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            **(env or {})}
     if launcher_ranks:
-        command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(launcher_ranks),
+        command = [DEEPSPEED, "--num_gpus", str(launcher_ranks),
                    "--master_port", str(master_port or _free_port()), "--module", "jsarag", *args]
     else:
         command = [*JSARAG, *args]

@@ -13,7 +13,6 @@ import os
 import random
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, _free_port, read_log, run_cli, tiny_recipe_dict
+from conftest import DEEPSPEED, REPO, _free_port, read_log, run_cli, tiny_recipe_dict
 from jsarag import checkpoint
 from jsarag.engine import CHECKPOINT_GLOBALS
 from jsarag.errors import TrainingError
@@ -62,7 +61,7 @@ def write_recipe(data_dir: Path, folder: Path, sections: dict[str, Any]) -> Path
 def start(recipe: Path, *overrides: str, env: dict[str, str] | None = None,
           preexec_fn: Callable[[], None] | None = None, port: int | None = None) -> subprocess.Popen:
     """Start `deepspeed --num_gpus 2 --module jsarag train` (as conftest.run_cli does) in a process group of its own."""
-    command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port or _free_port()),
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port or _free_port()),
                "--module", "jsarag", "train", "--config", str(recipe), *overrides]
     base = {k: v for k, v in os.environ.items() if not k.startswith("JSARAG_FAULT")}
     env = {**base, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
