@@ -141,13 +141,17 @@ def recipe_context(recipe, cache_dir: Path, role: str = "prior"):
     return ctx
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this one's, less the rendezvous variables an in-process run set (RANK,
+    MASTER_PORT, ...: the child would try to join this process's group on its port), plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}, **extra}
+
+
 def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True,
             env: dict[str, str] | None = None, master_port: int | None = None,
             preexec_fn=None) -> subprocess.CompletedProcess:
     """Run `jsarag ...` in a fresh process, or under `deepspeed --num_gpus N` when launcher_ranks > 0."""
-    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}  # a run in this process set them
-    env = {**inherited, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           **(env or {})}
+    env = {**child_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"), **(env or {})}
     if launcher_ranks:
         command = [DEEPSPEED, "--num_gpus", str(launcher_ranks),
                    "--master_port", str(master_port or _free_port()), "--module", "jsarag", *args]

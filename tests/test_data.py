@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import child_env
 from jsarag.data import (
     UNANSWERABLE,
     Example,
@@ -448,7 +449,7 @@ def test_killed_conversion_leaves_nothing_that_is_read(tmp_path: Path, kb_cache:
         "import os, signal, sys; import jsarag.kb as kb\n"
         "os.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         "kb.load_kb(kb.Path(sys.argv[1]))\n")
-    done = subprocess.run([sys.executable, "-c", kill_before_rename, str(path)], env=os.environ, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", kill_before_rename, str(path)], env=child_env(), capture_output=True)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
     leftovers = [p for p in kb_cache.iterdir() if p.is_dir()]
     assert stores(kb_cache) == [] and len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
@@ -683,7 +684,7 @@ def test_a_run_reads_its_data_from_sources_and_counts_duplicate_texts(tiny_data:
               "from jsarag.loop import counters; "
               "run = build_run(load_recipe(sys.argv[1], []), train=False, generator=False); "
               "print(json.dumps([len(run.ctx.kb), len(run.eval_sets['dev']), counters(run)['data']]))")
-    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env = child_env(HF_DATASETS_CACHE=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", script, str(tiny_recipe(data=data))], capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from conftest import REPO
+from conftest import REPO, child_env
 from jsarag import passages
 from jsarag.api import Context
 from jsarag.errors import JsaragError
@@ -55,7 +55,7 @@ _ctx(Path({folder!r})).passage_index("hashed-v1", hashed_vectors, batch_size=8, 
 
 
 def test_a_killed_embedding_resumes_from_its_finished_shards(tmp_path):
-    env = {**os.environ, "JSARAG_FAULT": "embed_shard:3", "OMP_NUM_THREADS": "1"}
+    env = child_env(JSARAG_FAULT="embed_shard:3", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", KILLED.format(tests=str(REPO / "tests"), folder=str(tmp_path))],
                           env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == -9, done.stdout + done.stderr  # SIGKILLed at its third finished shard

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, _free_port, run_cli
+from conftest import REPO, _free_port, child_env, run_cli
 from jsarag.api import Batch, Context, Example
 from jsarag.candidates import candidate_set, ranked
 from jsarag.data import load_examples, render_query, split_path
@@ -138,7 +138,7 @@ def test_a_built_faiss_index_is_read_memory_mapped(options, tmp_path):
     for mmap in (True, False):  # each in a fresh process: freed heap would hide the growth
         done = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(tmp_path), json.dumps({**options,
                               "mmap": mmap})], capture_output=True, text=True, check=True, cwd=REPO,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env=child_env(OMP_NUM_THREADS="1"))
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["rows"] == expected
         grown[mmap] = result["grown"]
@@ -284,7 +284,7 @@ def test_sharded_torch_exact_over_two_ranks_equals_one_rank(tmp_path):
     command = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
                str(REPO / "tests" / "torch_exact_shards.py"), "--workdir", str(tmp_path), "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=child_env(OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2 and [r["shard"] for r in result["ranks"]] == [51, 50]
