@@ -132,6 +132,9 @@ def test_stop_and_resume_of_a_lora_run_is_bit_exact(lora_run, tiny_data, tmp_pat
     for name in ("mp_rank_00_model_states.pt", "loop_rank0.pt"):
         a, b = (load_pt(d / "checkpoints" / "step-0000004" / name) for d in (lora_run, tmp_path / "run"))
         a.pop("ds_config", None), b.pop("ds_config", None)  # names the output_dir's files
+        run_a, run_b = a.pop("run", None), b.pop("run", None)  # the recipe (its output_dir) and the sessions' times
+        if run_a is not None:
+            assert {**run_a["recipe"], "output_dir": None} == {**run_b["recipe"], "output_dir": None}
         assert_identical(a, b, name)
     assert json.loads((lora_run / "metrics.json").read_text()) == json.loads((tmp_path / "run" / "metrics.json")
                                                                             .read_text())

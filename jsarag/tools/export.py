@@ -32,7 +32,6 @@ from jsarag.api import Component, atomic_write, metrics_table
 from jsarag.checkpoint import find
 from jsarag.errors import RecipeError
 from jsarag.loop import load_weights
-from jsarag.passages import index_fingerprint
 from jsarag.recipe import Recipe, load_recipe
 from jsarag.run import Run, build_run
 from jsarag.tools.config import recipe_data
@@ -199,8 +198,8 @@ def _copy_indexes(run: Run, folder: Path) -> dict[str, dict[str, Any]]:
         if built is None or built.folder.name in copied:
             continue
         meta = built.meta
-        if built.folder.name != index_fingerprint(meta["kb"], meta["encoder"], meta["index"]):
-            continue  # a live build (index-live/<role>), keyed by role
+        if "step" in meta:
+            continue  # a live build (index-live/<role>: the step whose encoder embedded it), keyed by role
         shutil.copytree(built.folder, folder / built.folder.name)
         copied[built.folder.name] = meta
     return copied

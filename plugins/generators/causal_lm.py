@@ -456,7 +456,12 @@ class CausalLM(Truncations, Generator):
     # -- decoding -----------------------------------------------------------------------------------------------------
 
     def generate(self, batch: Batch, candidates: Candidates) -> list[str]:
-        """One answer per example (greedy or beam search), by the recipe's decoding mode."""
+        """One answer per example (greedy or beam search), by the recipe's decoding mode; dropout off whatever mode
+        the caller left the model in (`jsarag ask` has no engine to switch it to eval mode)."""
+        with scoring_mode(self.model):
+            return self._generate(batch, candidates)
+
+    def _generate(self, batch: Batch, candidates: Candidates) -> list[str]:
         k = min(self.options.decode_k, candidates.rows.shape[1])
         decode = self._decoder()
         if self.options.decode == "rag_sequence":
