@@ -355,6 +355,7 @@ def embed_shards(ctx: Context, encode: Encode, work: Path, meta: dict[str, Any],
     bar = tqdm(total=total, unit="passage", desc="embedding passages", mininterval=2,
                disable=ctx.rank != 0 or not pending or not sys.stderr.isatty())  # off a terminal: log lines (below)
     started = logged = time.perf_counter()
+    done_rows = 0  # of total, by all ranks (tqdm counts nothing when it is off)
     for group_start in range(0, len(pending), world):
         group = [_rows(s, n, plan.shard_rows) for s in pending[group_start : group_start + world]]
         mine = ctx.rank < len(group)
@@ -371,11 +372,13 @@ def embed_shards(ctx: Context, encode: Encode, work: Path, meta: dict[str, Any],
             keep = max(0, min(count, hi - lo - start))
             if mine and keep:
                 vectors[lo + start : lo + start + keep] = block[:keep]
-            bar.update(sum(max(0, min(count, b - a - start)) for a, b in group))  # rows written by all ranks
-            now = time.perf_counter()
-            if ctx.rank == 0 and bar.disable and now - logged >= PROGRESS_SECONDS and bar.n < total:
-                left = (now - started) / bar.n * (total - bar.n)
-                log.info("embedded %d of %d passages; about %s left", bar.n, total, _duration(left))
+            written = sum(max(0, min(count, b - a - start)) for a, b in group)  # rows written by all ranks
+            bar.update(written)
+            done_rows, now = done_rows + written, time.perf_counter()
+            due = logged == started or bar.disable and now - logged >= PROGRESS_SECONDS  # the first batch's estimate
+            if ctx.rank == 0 and due and 0 < done_rows < total:
+                left = (now - started) / done_rows * (total - done_rows)
+                log.info("embedded %d of %d passages; about %s left", done_rows, total, _duration(left))
                 logged = now
         if mine:
             vectors.flush()  # the rows are on disk before the mark says so

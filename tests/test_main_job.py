@@ -3,13 +3,12 @@ validate; decoding gives the same text under ZeRO-0 in one process and ZeRO-3 on
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, child_env, run_cli
 from jsarag.recipe import load_recipe
 
 RECIPES = REPO / "recipes"
@@ -29,8 +28,8 @@ def test_recipe_swaps_change_only_the_estimator():
 
 @pytest.mark.integration
 def test_main_recipe_runs_with_the_offline_models(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JSARAG_CACHE"}  # the user's cache: convert SmolLM once
-    env["PYTHONUNBUFFERED"] = "1"
+    # the user's cache (not the session's): SmolLM2 is converted once per machine
+    env = {k: v for k, v in child_env(PYTHONUNBUFFERED="1").items() if k != "JSARAG_CACHE"}
     command = [sys.executable, "recipes/dialog_jsa.py", f"output_dir={tmp_path}", "train.max_steps=2",
                "train.checkpoint_every=0", "eval.max_examples=4", "eval.batch_size=4"]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)

@@ -44,7 +44,9 @@ def returns_or_refuses(load: Callable[[], Any]) -> Any:
 # Strategies: JSON lines, right and wrong
 
 any_text = st.text(st.characters(exclude_categories=()), max_size=12)  # lone surrogates included
-scalars = st.none() | st.booleans() | st.integers() | st.floats() | any_text
+# no subnormal floats: a jsarag run in this process flushes them to zero (as every run does), and hypothesis then
+# refuses to draw them
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_subnormal=False) | any_text
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text, inner,
                                                                                                  max_size=3),
                            max_leaves=8)
@@ -151,7 +153,7 @@ RECIPE_KEYS = ["output_dir", "resume", "data", "data.dir", "data.on_error", "dat
                "index", "index.name", "index.dir", "index.type", "generator", "generator.lora", "generator.lr",
                "generator.max_prompt_tokens", "estimator", "estimator.name", "observers", "train", "train.max_steps",
                "train.betas", "train.grad_clip", "eval.top_k", "deepspeed", "deepspeed.overrides", "extends", "source"]
-yaml_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | any_text
+yaml_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_subnormal=False) | any_text
                 | st.sampled_from(["dense", "faiss", "bm25", "rag", "jsa", "kb", "../x", "/tmp", "1e-5", "base.yaml"]))
 yaml_values = st.recursive(yaml_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.sampled_from(["name", "dir", "top_k", "lr", "r", "x"]) | st.text(max_size=6), inner, max_size=3), max_leaves=10)

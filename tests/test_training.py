@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_log, run_cli
+from conftest import REPO, child_env, read_log, run_cli
 from jsarag import checkpoint
 from jsarag.engine import load_ds_config
 from jsarag.errors import RecipeError
@@ -67,7 +67,7 @@ def test_the_tiny_recipe_script_runs_as_users_launch_it(tmp_path):
 
     command = [sys.executable, "recipes/tiny_rag.py", f"output_dir={tmp_path}", "train.max_steps=3",
                "train.eval_every=0", "train.checkpoint_every=0", "eval.max_examples=8"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "| step | split |" in done.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -183,7 +183,7 @@ def test_runs_flush_subnormal_floats_to_zero(tiny_recipe):
               "build_run(load_recipe(sys.argv[1], []), train=False, generator=False); "
               "print((torch.full((4,), 1e-39) * 1.0).sum().item())")
     done = subprocess.run([sys.executable, "-c", script, str(tiny_recipe())], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+                          timeout=300, cwd=REPO, env=child_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0.0"
 
