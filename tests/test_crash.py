@@ -25,9 +25,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEEPSPEED, REPO, _free_port, read_log, run_cli, tiny_recipe_dict
+from conftest import DEEPSPEED, REPO, _free_port, assert_equal, load_pt, read_log, run_cli, tiny_recipe_dict
 from jsarag import checkpoint
-from jsarag.engine import CHECKPOINT_GLOBALS
 from jsarag.errors import TrainingError
 
 # JSA with its cache, 2 ranks x 4 examples: 6 steps an epoch, so steps 7-8 start their chains from the cache
@@ -95,30 +94,6 @@ def succeeded(done: subprocess.CompletedProcess) -> bool:
 def shared_memory_left(port: int) -> list[str]:
     """Files a job on ``port`` left in /dev/shm (DeepSpeed's CPU all-reduce buffers: 66 MiB of RAM each)."""
     return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-
-
-def load_pt(path: Path) -> Any:
-    """Read a checkpoint file the way resuming does (weights_only, DeepSpeed's own classes allowed)."""
-    return checkpoint.load_file(path, "cpu", CHECKPOINT_GLOBALS)
-
-
-def assert_equal(a: Any, b: Any, where: str) -> None:
-    """Assert two loaded checkpoint values are identical: tensors bit for bit, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
-        for key in a:
-            assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal(x, y, f"{where}[{i}]")
-    elif hasattr(a, "__dict__"):  # DeepSpeed's loss scaler
-        assert type(a) is type(b), where
-        assert_equal(vars(a), vars(b), where)
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN equals NaN here
 
 
 def assert_same_run(expected: Path, actual: Path, step: int) -> None:

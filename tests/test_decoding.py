@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import recipe_context, run_cli
+from conftest import predictions_under_zero0_and_zero3, recipe_context
 from jsarag.api import Batch, Candidates, Example
 from jsarag.recipe import load_recipe
 from jsarag_plugins.generators.causal_lm import CausalLM
@@ -126,13 +126,7 @@ def test_rag_sequence_sums_over_passages_where_joint_takes_the_best_one(tiny_rec
 
 @pytest.mark.launcher
 def test_rag_sequence_with_beams_decodes_alike_under_zero0_and_zero3(tiny_recipe, tmp_path):
-    common = dict(generator={"decode": "rag_sequence", "decode_k": 2, "beams": 2, "max_new_tokens": 4},
-                  eval={"max_examples": 5, "batch_size": 1}, observers=["jsonl_log"])
-    zero0 = tiny_recipe("zero0.yaml", output_dir=str(tmp_path / "zero0"), **common)
-    zero3 = tiny_recipe("zero3.yaml", output_dir=str(tmp_path / "zero3"), deepspeed={
-        "config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}, **common)
-    run_cli("eval", "--config", str(zero0))
-    run_cli("eval", "--config", str(zero3), launcher_ranks=2)
-    texts = [(tmp_path / d / "predictions" / "dev-step0000000.jsonl").read_text() for d in ("zero0", "zero3")]
+    texts = predictions_under_zero0_and_zero3(tiny_recipe, tmp_path, {"decode": "rag_sequence", "decode_k": 2,
+                                              "beams": 2, "max_new_tokens": 4}, max_examples=5)
     assert texts[0] == texts[1]
     assert any(json.loads(line)["prediction"] for line in texts[0].splitlines())

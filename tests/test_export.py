@@ -13,9 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_log, run_cli, tiny_recipe_dict
-from jsarag import checkpoint
-from jsarag.engine import CHECKPOINT_GLOBALS
+from conftest import assert_equal, load_pt, read_log, run_cli, tiny_recipe_dict
 
 LORA_JSA = {"estimator": {"name": "jsa", "proposals": 8, "cache": True}, "posterior": {"lr": 1e-3},
             "generator": {"lora": {"r": 4, "alpha": 8}},
@@ -31,26 +29,6 @@ def write_recipe(data_dir: Path, folder: Path, sections: dict[str, Any], name: s
     path = folder / name
     path.write_text(yaml.safe_dump(recipe))
     return path
-
-
-def load_pt(path: Path) -> Any:
-    return checkpoint.load_file(path, "cpu", CHECKPOINT_GLOBALS)
-
-
-def assert_identical(a: Any, b: Any, where: str) -> None:
-    """Two loaded checkpoint values are identical: tensors bit for bit, containers item by item."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            assert_identical(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +113,7 @@ def test_stop_and_resume_of_a_lora_run_is_bit_exact(lora_run, tiny_data, tmp_pat
         run_a, run_b = a.pop("run", None), b.pop("run", None)  # the recipe (its output_dir) and the sessions' times
         if run_a is not None:
             assert {**run_a["recipe"], "output_dir": None} == {**run_b["recipe"], "output_dir": None}
-        assert_identical(a, b, name)
+        assert_equal(a, b, name)
     assert json.loads((lora_run / "metrics.json").read_text()) == json.loads((tmp_path / "run" / "metrics.json")
                                                                             .read_text())
     assert [r["loss"] for r in read_log(lora_run)] == [r["loss"] for r in read_log(tmp_path / "run")]

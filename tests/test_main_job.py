@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, child_env, run_cli
+from conftest import REPO, child_env, predictions_under_zero0_and_zero3
 from jsarag.recipe import load_recipe
 
 RECIPES = REPO / "recipes"
@@ -44,14 +44,8 @@ def test_main_recipe_runs_with_the_offline_models(tmp_path):
 
 @pytest.mark.launcher
 def test_decoding_is_identical_under_zero0_and_zero3(tiny_recipe, tmp_path):
-    common = dict(generator={"decode": "joint", "decode_k": 2, "max_new_tokens": 6},
-                  eval={"max_examples": 6, "batch_size": 1}, observers=["jsonl_log"])
-    zero0 = tiny_recipe("zero0.yaml", output_dir=str(tmp_path / "zero0"), **common)
-    zero3 = tiny_recipe("zero3.yaml", output_dir=str(tmp_path / "zero3"), deepspeed={
-        "config": "zero3.json", "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}, **common)
-    run_cli("eval", "--config", str(zero0))
-    run_cli("eval", "--config", str(zero3), launcher_ranks=2)
-    texts = [(tmp_path / d / "predictions" / "dev-step0000000.jsonl").read_text() for d in ("zero0", "zero3")]
+    texts = predictions_under_zero0_and_zero3(tiny_recipe, tmp_path, {"decode": "joint", "decode_k": 2,
+                                              "max_new_tokens": 6}, max_examples=6)
     assert texts[0] == texts[1]
     predictions = [json.loads(line)["prediction"] for line in texts[0].splitlines()]
     assert len(predictions) == 5 and any(predictions)  # the fixture's dev split has 5 examples; text was decoded
