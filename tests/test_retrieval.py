@@ -362,8 +362,9 @@ def test_a_run_with_a_trained_passage_encoder_refreshes_and_is_searchable(tiny_r
     run_cli("train", "--config", str(recipe))
     live = tmp_path / "run" / "index-live" / "prior"
     assert read_meta(live)["step"] == 3  # refreshed at step 2 and at the end of training
+    trained = read_meta(live)  # the session's shared cache holds other KBs embedded by the same encoder
     initial = next(f for f in cached_folders(Path(os.environ["JSARAG_CACHE"]) / "indexes")
-                   if read_meta(f)["encoder"] + "+trained" == read_meta(live)["encoder"])
+                   if read_meta(f)["encoder"] + "+trained" == trained["encoder"] and read_meta(f)["kb"] == trained["kb"])
     assert np.abs(np.load(live / "vectors.npy") - np.load(initial / "vectors.npy")).max() > 1e-4
 
     info = run_cli("index", "info", "--config", str(recipe)).stdout
