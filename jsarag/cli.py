@@ -17,7 +17,30 @@ from jsarag.errors import Interrupted, JsaragError, PluginError
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``jsarag`` console script."""
+    """Entry point of the ``jsarag`` console script: run one command, then end the process (its process group too)."""
+    args = _parser().parse_args(argv)
+    code = _run(args)
+    _end(code, distributed=_distributed(args))
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one ``jsarag`` command in this process and return its exit code, as the console script would exit.
+
+    For notebooks and tests: errors print as the command prints them, and the process stays alive (a process group a
+    training command created stays for the next one; a group of one, or this process's rank of a launched job).
+    Commands meant for the ``deepspeed`` launcher's ranks still need the launcher for more than one rank.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or arguments argparse refused (it printed why)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _run(args)
+    finally:
+        _release_locks()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jsarag", description="Train retrieval-augmented generation with the passage as a latent variable "
         "(JSA-RAG, RAG, VRAG) on DeepSpeed; components are pluggy plugins picked by a YAML recipe.",
@@ -106,15 +129,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     compare = commands.add_parser("compare", help="several runs' final metrics side by side (Markdown table)")
     compare.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a run")
     compare.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw a bar chart of the metrics")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     _set_verbose(args)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "plugins": _plugins, "train": _train, "eval": _eval, "index": _index, "bench": _bench, "compare": _compare,
         "diagnose": _diagnose, "data": _data, "config": _config, "export": _export, "ask": _ask,
     }
-    in_process = args.command in ("plugins", "compare", "data", "config") or \
-        args.command == "bench" and args.what != "step-cost"
-    _exit(lambda: handlers[args.command](args), distributed=not in_process)
+    return _guarded(lambda: handlers[args.command](args))
+
+
+def _distributed(args: argparse.Namespace) -> bool:
+    """Whether the command may have joined a process group (the others never import DeepSpeed's engine)."""
+    return not (args.command in ("plugins", "compare", "data", "config") or
+                args.command == "bench" and args.what != "step-cost")
 
 
 def recipe_main(default_config: Path, argv: Sequence[str] | None = None) -> None:
@@ -123,7 +153,7 @@ def recipe_main(default_config: Path, argv: Sequence[str] | None = None) -> None
     _recipe_arguments(parser, required=False, default=default_config)
     args = parser.parse_args(argv)
     _set_verbose(args)
-    _exit(lambda: _train(args), distributed=True)
+    _end(_guarded(lambda: _train(args)), distributed=True)
 
 
 def _set_verbose(args: argparse.Namespace) -> None:
@@ -140,35 +170,43 @@ def _recipe_arguments(parser: argparse.ArgumentParser, required: bool, default: 
                         "JSARAG_VERBOSE=1); <output_dir>/logs/ keeps them either way")
 
 
-def _exit(command: Callable[[], int], distributed: bool) -> None:
-    """Run a command; print project errors without a traceback; end cleanly under DeepSpeed."""
-    code = 1
+def _guarded(command: Callable[[], int]) -> int:
+    """Run a command and return its exit code; print project errors without a traceback, bugs with one."""
     try:
-        code = command()
+        return command()
     except Interrupted as exc:  # SIGINT / SIGTERM during training: checkpointed
         _print_once(exc, f"jsarag: {exc}")
-        code = exc.code
+        return exc.code
     except JsaragError as exc:
         if isinstance(exc, PluginError) and exc.__cause__ is not None and not isinstance(exc.__cause__, JsaragError):
             traceback.print_exception(exc.__cause__)  # a bug inside a plugin: show where
         notes = "".join(f"\n  {note}" for note in getattr(exc, "__notes__", []))
         _print_once(exc, f"jsarag: error: {exc}{notes}")
-        code = 2
+        return 2
     except KeyboardInterrupt:  # Ctrl-C before training began (during it, jsarag.safety.GracefulStop handles it)
         print("jsarag: interrupted (SIGINT) before training began: nothing to save", file=sys.stderr)
-        code = 130
-    except BaseException:  # a bug: show where, then exit (the finally below skips sys.exit)
+        return 130
+    except SystemExit as exc:  # a library that exits: its code
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # a bug: show where
         traceback.print_exc()
-        code = 1
-    finally:
-        if "jsarag.safety" in sys.modules:
-            from jsarag.safety import release_locks
+        return 1
 
-            release_locks()  # emptied: the next run sees no stale lock
-        if distributed and "jsarag.engine" in sys.modules:
-            from jsarag.engine import shutdown
 
-            shutdown(code)
+def _release_locks() -> None:
+    if "jsarag.safety" in sys.modules:
+        from jsarag.safety import release_locks
+
+        release_locks()  # emptied: the next run sees no stale lock
+
+
+def _end(code: int, distributed: bool) -> None:
+    """End the process with ``code``: locks released; under DeepSpeed, the group shut down cleanly."""
+    _release_locks()
+    if distributed and "jsarag.engine" in sys.modules:
+        from jsarag.engine import shutdown
+
+        shutdown(code)
     sys.exit(code)
 
 

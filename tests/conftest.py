@@ -149,28 +149,89 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool = True,
-            env: dict[str, str] | None = None, master_port: int | None = None,
-            preexec_fn=None) -> subprocess.CompletedProcess:
-    """Run `jsarag ...` in a fresh process, or under `deepspeed --num_gpus N` when launcher_ranks > 0."""
-    env = {**child_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"), **(env or {})}
-    if launcher_ranks:
-        command = [DEEPSPEED, "--num_gpus", str(launcher_ranks),
-                   "--master_port", str(master_port or _free_port()), "--module", "jsarag", *args]
+            env: dict[str, str] | None = None, master_port: int | None = None, preexec_fn=None,
+            fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """Run `jsarag ...` and return its exit code and output: under `deepspeed --num_gpus N` when launcher_ranks > 0;
+    as `python -m jsarag` in a fresh process with ``fresh_process`` (a test that signals or kills it, or that compares
+    it with a run in another process, or that sets a variable read when jsarag starts: JSARAG_FAULT*, a fault point
+    that kills or signals its own process, always gets one); otherwise in this process through ``jsarag.cli.run`` (no
+    interpreter start or imports: seconds a command), with ``env`` set for its duration."""
+    fresh_process = fresh_process or any(key.startswith("JSARAG_FAULT") for key in env or {})
+    if launcher_ranks or fresh_process or preexec_fn is not None:
+        env = {**child_env(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1"), **(env or {})}
+        if launcher_ranks:
+            command = [DEEPSPEED, "--num_gpus", str(launcher_ranks),
+                       "--master_port", str(master_port or _free_port()), "--module", "jsarag", *args]
+        else:
+            command = [*JSARAG, *args]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=preexec_fn)
     else:
-        command = [*JSARAG, *args]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=preexec_fn)
+        command = ["jsarag", *args]
+        done = _run_in_this_process(list(args), env or {})
     if check and done.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
     return done
 
 
+def _run_in_this_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``jsarag.cli.run(args)`` as the console script would run it (its ``sys.argv``, the repository as working
+    directory, no rendezvous variables of an earlier in-process run, one intra-op thread as a child process gets
+    with OMP_NUM_THREADS=1, packages installed since the last run importable), with stdout and stderr captured and
+    this process's environment, argv, working directory and threads restored afterwards."""
+    import contextlib
+    import gc
+    import importlib
+    import io
+
+    import torch
+
+    from jsarag.cli import run
+
+    saved = dict(os.environ), list(sys.argv), os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for key in LAUNCHER_ENV:  # a bench's child processes would inherit them
+            os.environ.pop(key, None)
+        os.environ.update(TOKENIZERS_PARALLELISM="false", **env)
+        sys.argv = [str(Path(sys.executable).parent / "jsarag"), *args]
+        os.chdir(REPO)
+        torch.set_num_threads(1)
+        importlib.invalidate_caches()  # a plugin package a fixture pip-installed
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run(args)
+    finally:
+        environ, sys.argv, cwd, threads = saved
+        torch.set_num_threads(threads)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        gc.collect()  # the run's models and engine
+    return subprocess.CompletedProcess(["jsarag", *args], code, out.getvalue(), err.getvalue())
+
+
 def _free_port() -> int:
+    """A free port for a launcher's rendezvous, below the kernel's ephemeral range and in a block of this pytest-xdist
+    worker's own. A port the kernel hands out (bind to port 0) can be handed out again, to a gloo connection of a job
+    the other worker runs, in the seconds before the launcher binds it; ports below the range are never handed out."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        ephemeral = 32768
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    block = (ephemeral - 10000) // 8
+    low = 10000 + block * (worker % 8)
+    for port in random.sample(range(low, low + block), 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + block - 1}")
 
 
 def read_log(output_dir: Path) -> list[dict]:

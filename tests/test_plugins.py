@@ -136,7 +136,7 @@ def test_jsarag_plugins_marks_a_broken_component(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[jsarag]\nloud = broken_plugin\n")
-    listing = run_cli("plugins", env={"PYTHONPATH": str(package)}).stdout
+    listing = run_cli("plugins", env={"PYTHONPATH": str(package)}, fresh_process=True).stdout  # read at start
     assert re.search(r"loud .*package broken-plugin\)\n\s+BROKEN: it defines update, which is a hook point of "
                      r"estimators", listing)
 

@@ -325,8 +325,8 @@ def test_the_first_run_says_what_it_prepares_and_roughly_how_long(tiny_recipe, t
 
 def test_verbose_shows_library_lines_that_the_log_file_always_keeps(tiny_recipe, tmp_path):
     recipe = tiny_recipe()
-    quiet = run_cli("index", "info", "--config", str(recipe))
-    loud = run_cli("index", "info", "--config", str(recipe), "--verbose")
+    quiet = run_cli("index", "info", "--config", str(recipe), fresh_process=True)
+    loud = run_cli("index", "info", "--config", str(recipe), "--verbose", fresh_process=True)  # libraries imported afresh
     assert "sentence_transformers" not in quiet.stderr and "sentence_transformers" in loud.stderr
     assert "built successfully" not in quiet.stdout + quiet.stderr
     kept = (tmp_path / "run" / "logs" / "rank0.log").read_text()
@@ -361,7 +361,7 @@ def test_a_stale_deepspeed_build_lock_is_one_line_naming_it_and_a_fresh_one_is_l
     check_build_lock()  # a build may still be running
     os.utime(lock, (time.time() - 11 * 60, time.time() - 11 * 60))
     done = run_cli("train", "--config", str(tiny_recipe()), check=False, env={"TORCH_EXTENSIONS_DIR": str(lock.parent.parent)},
-                   timeout=120)
+                   timeout=120, fresh_process=True)  # a process that has not yet joined a process group
     assert done.returncode == 2 and error_lines(done) == [
         f"jsarag: error: {lock} is 11 minutes old: a DeepSpeed op build that was killed left it, and every DeepSpeed "
         f"start would wait on it forever; remove it (rm {lock}) and run again"], done.stderr[-3000:]
