@@ -1,4 +1,5 @@
-"""The ``jsarag`` command: plugins, train, eval, index, bench, compare, diagnose; ``recipe_main`` for recipe scripts.
+"""The ``jsarag`` command: plugins, train, eval, index, bench, compare, diagnose; ``recipe_main`` for recipe scripts;
+``run`` for Python callers (a command in the calling process, its exit code returned).
 
 Every command that runs models works as plain ``python``/``jsarag`` (one process) and under the ``deepspeed``
 launcher (``deepspeed --num_gpus N $(which jsarag) train ...`` or ``deepspeed recipes/<recipe>.py``). Commands import
