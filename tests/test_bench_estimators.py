@@ -73,6 +73,28 @@ def test_the_plan_gives_every_estimator_and_seed_its_own_run_from_the_seeds_star
         assert (recipe.candidates.mode == "all") == (name == "exact")
 
 
+
+def test_commands_sharing_out_build_a_start_model_once_and_leave_no_temporary_folder(tmp_path):
+    import threading
+
+    from filelock import FileLock
+
+    from jsarag.models import resolve_model
+    from jsarag.tools.bench_estimators import PASSAGE_ENCODER
+
+    resolve_model(PASSAGE_ENCODER)  # the tiny BERT in the cache: what the build copies is there at once
+    folder = tmp_path / "models" / "prior-noise1-seed0"
+    folder.parent.mkdir()
+    with FileLock(f"{folder}.lock"):  # another command is building it
+        builder = threading.Thread(target=noisy_encoder, args=(folder, 1.0, 0))
+        builder.start()
+        builder.join(3)
+        assert builder.is_alive()  # it waits, writing nothing beside the other command's build
+        assert [p.name for p in folder.parent.iterdir()] == [f"{folder.name}.lock"]
+    builder.join()
+    assert (folder / "modules.json").is_file()
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name, f"{folder.name}.lock"]
+
 def test_bench_estimators_trains_reports_and_reuses_a_run(tmp_path):
     out = tmp_path / "bench"
     args = ["bench", "estimators", "--out", str(out), "--people", "16", "--reader-steps", "3", "--estimators",

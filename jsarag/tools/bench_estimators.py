@@ -112,45 +112,53 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 def noisy_encoder(folder: Path, noise: float, seed: int) -> Path:
     """Build (once) a copy of the tiny BERT bi-encoder whose weights and biases (not its LayerNorms) carry Gaussian
-    noise of ``noise`` times each tensor's standard deviation, drawn with ``seed``."""
-    if (folder / "modules.json").is_file():
-        return folder
-    import torch
-    from transformers import BertModel
+    noise of ``noise`` times each tensor's standard deviation, drawn with ``seed``. Commands sharing ``--out`` build
+    it once (the second waits on a file lock), and a killed build leaves no folder behind."""
+    from filelock import FileLock
 
-    from jsarag.models import resolve_model
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if (folder / "modules.json").is_file():
+            return folder
+        import torch
+        from transformers import BertModel
 
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(resolve_model(PASSAGE_ENCODER), tmp)
-    bert = BertModel.from_pretrained(tmp)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in bert.named_parameters():
-            if "LayerNorm" not in name:
-                param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
-    bert.save_pretrained(tmp)
-    tmp.rename(folder)
+        from jsarag.files import atomic_folder
+        from jsarag.models import resolve_model
+
+        with atomic_folder(folder) as tmp:
+            shutil.copytree(resolve_model(PASSAGE_ENCODER), tmp, dirs_exist_ok=True)
+            bert = BertModel.from_pretrained(tmp)
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, param in bert.named_parameters():
+                    if "LayerNorm" not in name:
+                        param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
+            bert.save_pretrained(tmp)
     return folder
 
 
 def prepare_reader(folder: Path, steps: int, config: Path, data: Path) -> str:
     """Teach the tiny GPT-2 to read (once): AdamW steps of 8 supervised copies each, on facts about invented people
     who are not in the KB, in the recipe's prompt, until it reads 95% of held-out facts or for ``steps`` steps;
-    return the model folder (the plain tiny GPT-2 for 0)."""
+    return the model folder (the plain tiny GPT-2 for 0). Commands sharing ``--out`` teach it once."""
     if steps == 0:
         return READER_BASE
-    if (folder / "reader.json").is_file():
-        return str(folder)
-    from jsarag.recipe import load_recipe
+    from filelock import FileLock
 
-    template = load_recipe(config).generator.options.prompt
-    taken = {json.loads(line)["text"].split(" is the home of ")[1][:-2] for line in open(data / "passages.jsonl")}
-    print(f"teaching the generator to read (at most {steps} steps) into {folder} ... ", end="", flush=True)
-    started = time.perf_counter()
-    done, accuracy = train_reader(folder, steps, template, taken)
-    print(f"{done} steps, {time.perf_counter() - started:.0f} s, accuracy on 200 new people {100 * accuracy:.0f}%",
-          flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if (folder / "reader.json").is_file():
+            return str(folder)
+        from jsarag.recipe import load_recipe
+
+        template = load_recipe(config).generator.options.prompt
+        taken = {json.loads(line)["text"].split(" is the home of ")[1][:-2] for line in open(data / "passages.jsonl")}
+        print(f"teaching the generator to read (at most {steps} steps) into {folder} ... ", end="", flush=True)
+        started = time.perf_counter()
+        done, accuracy = train_reader(folder, steps, template, taken)
+        print(f"{done} steps, {time.perf_counter() - started:.0f} s, accuracy on 200 new people {100 * accuracy:.0f}%",
+              flush=True)
     return str(folder)
 
 
@@ -200,13 +208,13 @@ def train_reader(folder: Path, steps: int, template: str, taken: set[str], batch
             optimizer.step()
             done += 1
         reads = accuracy()
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "reader.json").write_text(json.dumps({"steps": done, "max_steps": steps, "accuracy": reads}) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    from jsarag.files import atomic_folder
+
+    shutil.rmtree(folder, ignore_errors=True)  # a reader folder without reader.json: not this command's
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "reader.json").write_text(json.dumps({"steps": done, "max_steps": steps, "accuracy": reads}) + "\n")
     return done, reads
 
 
