@@ -301,10 +301,18 @@ def module_tree(trainables: dict[str, dict[str, Trainable]]) -> Trainables:
                        for role, modules in trainables.items()})
 
 
-def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[str, Any], train: Any) -> Any:
-    """Wrap the modules in one DeepSpeed engine with a learning rate per module and a warm-up schedule."""
+def lr_schedule(optimizer: torch.optim.Optimizer, train: Any) -> Any:
+    """transformers' schedule ``train.schedule`` after ``train.warmup_steps`` of linear warm-up, for every schedule
+    (transformers' own "constant" ignores its warm-up steps: "constant_with_warmup" is the one that has them)."""
     from transformers import get_scheduler
 
+    name = "constant_with_warmup" if train.schedule == "constant" and train.warmup_steps else train.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps,
+                         num_training_steps=max(train.max_steps, 1))
+
+
+def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[str, Any], train: Any) -> Any:
+    """Wrap the modules in one DeepSpeed engine with a learning rate per module and a warm-up schedule."""
     module = module_tree(trainables)
     groups = [
         {"params": [p for p in t.module.parameters() if p.requires_grad], "lr": t.lr, "name": f"{role}.{name}"}
@@ -316,8 +324,7 @@ def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[st
         optimizer = torch.optim.AdamW(groups, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
     def schedule(opt: torch.optim.Optimizer) -> Any:
-        steps = max(train.max_steps, 1)
-        return get_scheduler(train.schedule, opt, num_warmup_steps=train.warmup_steps, num_training_steps=steps)
+        return lr_schedule(opt, train)
 
     engine, *_ = deepspeed.initialize(
         model=module,

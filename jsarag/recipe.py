@@ -202,7 +202,7 @@ class TrainConfig(Section):
     seed: int = 0
     """Seed of initialisation, data order and sampling."""
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate schedule after warm-up."""
+    """Learning-rate schedule after warm-up (the warm-up steps come first whatever the schedule)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps."""
     weight_decay: float = Field(0.01, ge=0)

@@ -76,6 +76,23 @@ def test_the_tiny_recipe_script_runs_as_users_launch_it(tmp_path):
 
 # -- non-finite losses ------------------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_every_schedule_warms_up_for_warmup_steps(schedule):
+    from jsarag.engine import lr_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_schedule(optimizer, TrainConfig(schedule=schedule, warmup_steps=4, max_steps=100))
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # linear warm-up, then the schedule from its top
+    unwarmed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    lr_schedule(unwarmed, TrainConfig(schedule=schedule, warmup_steps=0, max_steps=100))
+    assert unwarmed.param_groups[0]["lr"] == 1.0
+
 def test_persistent_divergence_stops_after_max_nonfinite_keeping_the_last_good_checkpoint(tiny_recipe, tmp_path):
     # lr 1e30 without clipping: AdamW's first update moves every generator weight by about 1e30, so every later loss
     # is inf or NaN
