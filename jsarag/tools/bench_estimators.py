@@ -113,7 +113,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def noisy_encoder(folder: Path, noise: float, seed: int) -> Path:
     """Build (once) a copy of the tiny BERT bi-encoder whose weights and biases (not its LayerNorms) carry Gaussian
     noise of ``noise`` times each tensor's standard deviation, drawn with ``seed``. Commands sharing ``--out`` build
-    it once (the second waits on a file lock), and a killed build leaves no folder behind."""
+    it once (the second waits on a file lock), and a failed build leaves no half-written folder under this name (a
+    SIGKILLed one may leave a hidden temporary folder beside it, which nothing reads)."""
     from filelock import FileLock
 
     folder.parent.mkdir(parents=True, exist_ok=True)
