@@ -1,6 +1,8 @@
 """Every shipped recipe validates; bad recipes fail naming the key, the file (and line) and a close match."""
 from __future__ import annotations
 
+import argparse
+import importlib
 from pathlib import Path
 
 import pytest
@@ -216,6 +218,15 @@ def test_a_packaged_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatc
     (tmp_path / "tiny_rag.yaml").write_text("extends: nothing.yaml\n")  # a file of that name here comes first
     with pytest.raises(RecipeError, match=r"nothing.yaml"):
         load_recipe("tiny_rag.yaml")
+
+
+@pytest.mark.parametrize("tool", ["bench_quality", "bench_estimators", "bench_step"])
+def test_a_benchs_default_recipe_is_found_outside_a_source_checkout(tool, tmp_path, monkeypatch):
+    """An installed wheel has no recipes/ folder beside the caller: a bench's default --config is a packaged name."""
+    parser = argparse.ArgumentParser()
+    importlib.import_module(f"jsarag.tools.{tool}").add_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(parser.get_default("config")).estimator.name
 
 
 def test_the_qa_recipe_reads_the_embedded_squad():

@@ -56,7 +56,7 @@ OWNED = ("output_dir", "data.dir", "train.seed", "estimator", "retriever.model",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``jsarag bench estimators`` to its parser."""
-    parser.add_argument("--config", type=Path, default=Path("recipes/planted.yaml"),
+    parser.add_argument("--config", type=Path, default=Path("planted"),
                         help="recipe shared by every run (its estimator, models, data and seed are set per run)")
     parser.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                         help="comma-separated; LABEL:NAME runs one twice, LABEL.key=value sets its options")

@@ -88,7 +88,7 @@ class Job:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``jsarag bench quality`` to its parser."""
-    parser.add_argument("--config", type=Path, default=Path("recipes/dialog_jsa.yaml"),
+    parser.add_argument("--config", type=Path, default=Path("dialog_jsa"),
                         help="recipe with the models and knobs shared by every run (its estimator is replaced)")
     parser.add_argument("--estimators", default="rag,vrag,jsa",
                         help="comma-separated estimator names; LABEL:NAME runs one twice, LABEL.key=value sets options")

@@ -69,7 +69,7 @@ SAVINGS = {"jsa_noreuse": {"generator.reuse_frozen_layers": False}, "jsa_noshare
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``jsarag bench step-cost``."""
-    parser.add_argument("--config", type=Path, default=Path("recipes/dialog_jsa.yaml"), help="recipe: models, data")
+    parser.add_argument("--config", type=Path, default=Path("dialog_jsa"), help="recipe: models, data")
     parser.add_argument("--estimators", default=DEFAULT_ESTIMATORS,
                         help="comma-separated; LABEL:NAME measures one twice, LABEL.key=value sets its options, "
                         "LABEL.generator.key=value the generator's scoring options for its steps")
