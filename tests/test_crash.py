@@ -151,40 +151,50 @@ def rag_reference(tiny_data, tmp_path_factory) -> Reference:
 
 # -- kill -9 ----------------------------------------------------------------------------------------------------------
 
-KILLS = {  # JSARAG_FAULT, the rank killed, the last complete checkpoint at the kill
-    "step": ("step:5", "1", 4),  # step 5, after backward, before the optimizer step
-    "eval": ("eval:1", "0", 2),  # the evaluation at step 4, before its metrics and step 4's checkpoint
-    "checkpoint_written": ("checkpoint_written:2", "0", 2),  # step 4's files all written, not renamed into place
-    "checkpoint_renamed": ("checkpoint_renamed:2", "0", 2),  # step-0000004 in place, `latest` still names step 2
-}
+# JSARAG_FAULT, the rank killed, the last complete checkpoint at the kill. One job, killed at each point in turn and
+# resumed each time by the same command: a point's count is of arrivals in the process it kills, which starts from the
+# previous kill's checkpoint, so every point falls where it would in a fresh run: in step 4's evaluation, in step 4's
+# checkpoint write, and in step 5 (the 3rd step after step 2's checkpoint). Each resume also starts over what the kill
+# before it left: a half-written hidden folder, then a published folder that `latest` does not name yet.
+KILLS = [
+    ("eval:1", "0", 2),  # the evaluation at step 4, before its metrics and step 4's checkpoint
+    ("checkpoint_written:1", "0", 2),  # step 4's files all written, not renamed into place
+    ("checkpoint_renamed:1", "0", 2),  # step-0000004 in place, `latest` still names step 2
+    ("step:3", "1", 4),  # step 5, after backward, before the optimizer step
+]
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("point", KILLS)
-def test_kill_9_then_resume_equals_uninterrupted_run(point, jsa_reference, tiny_data, tmp_path):
-    fault, rank, survivor = KILLS[point]
-    recipe, port = write_recipe(tiny_data, tmp_path, JSA_ZERO2), _free_port()
-    killed = launch(recipe, env={"JSARAG_FAULT": fault, "JSARAG_FAULT_RANK": rank}, port=port)
-    assert killed.returncode != 0 and f"fault injected: SIGKILL at {fault}" in killed.stdout, killed.stderr[-3000:]
-    assert shared_memory_left(port) == []  # a killed job leaves no RAM-backed files behind
-    root = tmp_path / "run" / "checkpoints"
-    assert checkpoint.latest(root) == checkpoint.tag_for(survivor)
-    if point == "checkpoint_written":
-        assert (root / ".tmp-step-0000004" / "loop_rank0.pt").is_file()  # the half checkpoint is there, unused
-    if point == "checkpoint_renamed":
-        assert (root / "latest").read_text() == "step-0000002" and (root / "step-0000004").is_dir()
+def test_kill_9_at_each_fault_point_then_resume_equals_uninterrupted_run(jsa_reference, tiny_data, tmp_path):
+    recipe, root = write_recipe(tiny_data, tmp_path, JSA_ZERO2), tmp_path / "run" / "checkpoints"
+    resumes_from = None
+    for fault, rank, survivor in KILLS:
+        port = _free_port()
+        killed = launch(recipe, env={"JSARAG_FAULT": fault, "JSARAG_FAULT_RANK": rank}, port=port)
+        assert killed.returncode != 0 and f"fault injected: SIGKILL at {fault}" in killed.stdout, \
+            f"{fault}: {killed.stderr[-3000:]}"
+        if resumes_from is not None:
+            assert f"resumed from {root / checkpoint.tag_for(resumes_from)}" in killed.stderr, fault
+        assert shared_memory_left(port) == [], fault  # a killed job leaves no RAM-backed files behind
+        assert checkpoint.latest(root) == checkpoint.tag_for(survivor), fault
+        if fault.startswith("checkpoint_written"):
+            assert (root / ".tmp-step-0000004" / "loop_rank0.pt").is_file()  # the half checkpoint is there, unused
+        if fault.startswith("checkpoint_renamed"):
+            assert (root / "latest").read_text() == "step-0000002" and (root / "step-0000004").is_dir()
+        resumes_from = survivor
 
     resumed = launch(recipe)  # the same command again: resume: auto
     assert succeeded(resumed)
-    assert f"resumed from {root / checkpoint.tag_for(survivor)}" in resumed.stderr
+    assert f"resumed from {root / checkpoint.tag_for(resumes_from)}" in resumed.stderr
     assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
 
 
 def wait_for_first_step(job: subprocess.Popen, log_file: Path, timeout: float = 300) -> None:
-    """Wait until the job has logged its first step (or ended)."""
+    """Wait until the job has logged a step of its own (or ended): one more line than the log held at its start."""
+    before = log_file.read_text().count("\n") if log_file.exists() else 0
     deadline = time.monotonic() + timeout
     while job.poll() is None and time.monotonic() < deadline:
-        if log_file.exists() and log_file.read_text().strip():
+        if log_file.exists() and log_file.read_text().count("\n") > before:
             return
         time.sleep(0.2)
 
@@ -228,26 +238,31 @@ def stopped_at(done: subprocess.CompletedProcess, name: str, root: Path) -> int:
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_whole_job_checkpoints_and_resumes_to_the_uninterrupted_result(name, jsa_reference, tiny_data,
+def test_a_signal_to_the_whole_job_checkpoints_and_resumes_to_the_uninterrupted_result(jsa_reference, tiny_data,
                                                                                          tmp_path):
-    """Ctrl-C sends SIGINT to every process of the terminal's job; a scheduler sends SIGTERM to every process."""
-    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
-    job = start(recipe)
-    wait_for_first_step(job, tmp_path / "run" / "train_log.jsonl")
-    os.killpg(job.pid, getattr(signal, name))
-    stopped = finish(job)
-    root = tmp_path / "run" / "checkpoints"
-    assert stopped.returncode == -getattr(signal, name), stopped.stderr[-5000:]  # 130 / 143 in a shell
-    step = stopped_at(stopped, name, root)
-    assert stopped.stderr.count(f"jsarag.safety: {name}: finishing the current step, then writing a checkpoint") == 2
-    assert checkpoint.latest(root) == checkpoint.tag_for(step) and step < 8
-    # the only traceback is the `deepspeed` runner's own KeyboardInterrupt (DeepSpeed's launcher, not jsarag)
-    assert stopped.stderr.count("Traceback") == (name == "SIGINT"), stopped.stderr[-5000:]
+    """Ctrl-C sends SIGINT to every process of the terminal's job; a scheduler sends SIGTERM to every process. One
+    job gets SIGINT after its first step, then, resumed, SIGTERM after its first step; resumed again, it ends where the
+    uninterrupted run ends."""
+    recipe, root = write_recipe(tiny_data, tmp_path, JSA_ZERO2), tmp_path / "run" / "checkpoints"
+    steps = [0]
+    for name in ("SIGINT", "SIGTERM"):
+        job = start(recipe)
+        wait_for_first_step(job, tmp_path / "run" / "train_log.jsonl")
+        os.killpg(job.pid, getattr(signal, name))
+        stopped = finish(job)
+        assert stopped.returncode == -getattr(signal, name), stopped.stderr[-5000:]  # 130 / 143 in a shell
+        if steps[-1]:
+            assert f"resumed from {root / checkpoint.tag_for(steps[-1])}" in stopped.stderr
+        step = stopped_at(stopped, name, root)
+        assert stopped.stderr.count(f"jsarag.safety: {name}: finishing the current step, then writing a checkpoint") == 2
+        assert checkpoint.latest(root) == checkpoint.tag_for(step) and steps[-1] < step < 8, (name, steps, step)
+        # the only traceback is the `deepspeed` runner's own KeyboardInterrupt (DeepSpeed's launcher, not jsarag)
+        assert stopped.stderr.count("Traceback") == (name == "SIGINT"), stopped.stderr[-5000:]
+        steps.append(step)
 
     resumed = launch(recipe)
     assert succeeded(resumed)
-    assert f"resumed from {root / checkpoint.tag_for(step)}" in resumed.stderr
+    assert f"resumed from {root / checkpoint.tag_for(steps[-1])}" in resumed.stderr
     assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
 
 
@@ -306,7 +321,10 @@ def assert_write_error_stops_cleanly(failed: subprocess.CompletedProcess, root: 
 
 
 @pytest.mark.launcher
-def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(rag_reference, tiny_data, tmp_path):
+def test_a_full_disk_then_a_permission_error_while_checkpointing_keep_the_previous_checkpoint(rag_reference, tiny_data,
+                                                                                              tmp_path):
+    """Two write errors in turn on one run stopped at step 2: each job stops cleanly at step 4's checkpoint and leaves
+    the checkpoints as they were; with space and permissions back, the same command resumes and finishes."""
     recipe = write_recipe(tiny_data, tmp_path, RAG_ZERO0)
     assert succeeded(launch(recipe, "train.stop_at=2"))
     root = tmp_path / "run" / "checkpoints"
@@ -314,20 +332,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(rag_referen
     limit = (root / "step-0000002" / "mp_rank_00_model_states.pt").stat().st_size // 4
     assert (root / "step-0000002" / "loop_rank1.pt").stat().st_size < limit  # rank 1's writes fit: only rank 0 fails
 
-    failed = launch(recipe, preexec_fn=file_size_limit(limit))
+    failed = launch(recipe, preexec_fn=file_size_limit(limit))  # a full disk
     assert_write_error_stops_cleanly(failed, root, before, f"rank 0: {root / '.tmp-step-0000004'}")
     assert "file size limit reached" in failed.stderr
 
-    assert succeeded(launch(recipe))  # space again: the same command resumes and finishes
-    assert_same_run(rag_reference.output_dir, tmp_path / "run", 6)
-
-
-@pytest.mark.launcher
-def test_permission_denied_while_checkpointing_keeps_the_previous_checkpoint(rag_reference, tiny_data, tmp_path):
-    recipe = write_recipe(tiny_data, tmp_path, RAG_ZERO0)
-    assert succeeded(launch(recipe, "train.stop_at=2"))
-    root = tmp_path / "run" / "checkpoints"
-    before = snapshot(root)
     root.chmod(0o555)
     try:
         failed = launch(recipe, preexec_fn=without_root_override if os.geteuid() == 0 else None)
@@ -335,7 +343,7 @@ def test_permission_denied_while_checkpointing_keeps_the_previous_checkpoint(rag
         root.chmod(0o755)
     assert_write_error_stops_cleanly(failed, root, before, "permission denied")
 
-    assert succeeded(launch(recipe))
+    assert succeeded(launch(recipe))  # space and permissions again: the same command resumes and finishes
     assert_same_run(rag_reference.output_dir, tmp_path / "run", 6)
 
 
