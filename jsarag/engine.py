@@ -6,6 +6,7 @@ Without a GPU it uses DeepSpeed's CPU accelerator with gloo.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -323,14 +324,11 @@ def build_engine(trainables: dict[str, dict[str, Trainable]], ds_config: dict[st
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(groups, betas=tuple(train.betas), weight_decay=train.weight_decay)
 
-    def schedule(opt: torch.optim.Optimizer) -> Any:
-        return lr_schedule(opt, train)
-
     engine, *_ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         model_parameters=groups if optimizer is None else None,  # a config "optimizer" is built from these groups
-        lr_scheduler=schedule,
+        lr_scheduler=functools.partial(lr_schedule, train=train),  # built on the optimizer DeepSpeed uses
         config=ds_config,
     )
     _guard_checkpointing(engine)

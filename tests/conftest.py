@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Put the modules that run 2-rank launcher tests first (their order kept): they take minutes, and pytest-xdist
     hands modules to its workers in collection order (``--no-loadscope-reorder``: by default it puts the modules with
     the most tests first, which left the one-test 2-minute load test to run alone at the end)."""
-    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("launcher")}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: each module stays together
+    slow = {item.path for item in items if item.get_closest_marker("launcher")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: each module stays together
 
 
 @pytest.fixture(scope="session", autouse=True)

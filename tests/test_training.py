@@ -76,9 +76,6 @@ def test_the_tiny_recipe_script_runs_as_users_launch_it(tmp_path):
     assert [h["step"] for h in metrics["history"]] == [0, 3]
 
 
-# -- non-finite losses ------------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
 def test_every_schedule_warms_up_for_warmup_steps(schedule):
     from jsarag.engine import lr_schedule
@@ -94,6 +91,10 @@ def test_every_schedule_warms_up_for_warmup_steps(schedule):
     unwarmed = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     lr_schedule(unwarmed, TrainConfig(schedule=schedule, warmup_steps=0, max_steps=100))
     assert unwarmed.param_groups[0]["lr"] == 1.0
+
+
+# -- non-finite losses ------------------------------------------------------------------------------------------------
+
 
 def test_persistent_divergence_stops_after_max_nonfinite_keeping_the_last_good_checkpoint(tiny_recipe, tmp_path):
     # lr 1e30 without clipping: AdamW's first update moves every generator weight by about 1e30, so every later loss
