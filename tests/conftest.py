@@ -185,8 +185,9 @@ def run_cli(*args: str, launcher_ranks: int = 0, timeout: int = 600, check: bool
 def _run_in_this_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     """``jsarag.cli.run(args)`` as the console script would run it (its ``sys.argv``, the repository as working
     directory, no rendezvous variables of an earlier in-process run, one intra-op thread as a child process gets
-    with OMP_NUM_THREADS=1, packages installed since the last run importable), with stdout and stderr captured and
-    this process's environment, argv, working directory and threads restored afterwards."""
+    with OMP_NUM_THREADS=1, packages installed since the last run importable and their plugins loaded by a plugin
+    manager of its own), with stdout and stderr captured and this process's environment, argv, working directory and
+    threads restored afterwards."""
     import contextlib
     import gc
     import importlib
@@ -195,6 +196,7 @@ def _run_in_this_process(args: list[str], env: dict[str, str]) -> subprocess.Com
     import torch
 
     from jsarag.cli import run
+    from jsarag.plugins import get_plugins
 
     saved = dict(os.environ), list(sys.argv), os.getcwd(), torch.get_num_threads()
     out, err = io.StringIO(), io.StringIO()
@@ -205,7 +207,8 @@ def _run_in_this_process(args: list[str], env: dict[str, str]) -> subprocess.Com
         sys.argv = [str(Path(sys.executable).parent / "jsarag"), *args]
         os.chdir(REPO)
         torch.set_num_threads(1)
-        importlib.invalidate_caches()  # a plugin package a fixture pip-installed
+        importlib.invalidate_caches()  # a plugin package a fixture pip-installed ...
+        get_plugins.cache_clear()  # ... and its entry points: the process-wide manager of an earlier run predates it
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = run(args)
     finally:
