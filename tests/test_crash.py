@@ -238,50 +238,51 @@ def stopped_at(done: subprocess.CompletedProcess, name: str, root: Path) -> int:
 
 
 @pytest.mark.launcher
-def test_a_signal_to_the_whole_job_checkpoints_and_resumes_to_the_uninterrupted_result(jsa_reference, tiny_data,
-                                                                                         tmp_path):
-    """Ctrl-C sends SIGINT to every process of the terminal's job; a scheduler sends SIGTERM to every process. One
-    job gets SIGINT after its first step, then, resumed, SIGTERM after its first step; resumed again, it ends where the
-    uninterrupted run ends."""
-    recipe, root = write_recipe(tiny_data, tmp_path, JSA_ZERO2), tmp_path / "run" / "checkpoints"
+def test_signals_to_the_job_and_to_one_rank_checkpoint_and_resume_to_the_uninterrupted_result(jsa_reference,
+                                                                                              tiny_data, tmp_path):
+    """Ctrl-C sends SIGINT to every process of the terminal's job; a scheduler sends SIGTERM to every process, a
+    node's agent may send it to one rank. One job gets SIGINT after its first step; resumed, its rank 1 alone gets
+    SIGTERM after the first batch of the evaluation at step 4; resumed again (that evaluation redone), the whole job
+    gets SIGTERM after its first record; resumed once more, it ends where the uninterrupted run ends."""
+    recipe, run = write_recipe(tiny_data, tmp_path, JSA_ZERO2), tmp_path / "run"
+    root = run / "checkpoints"
     steps = [0]
-    for name in ("SIGINT", "SIGTERM"):
+
+    def whole_job(name: str) -> subprocess.CompletedProcess:
         job = start(recipe)
-        wait_for_first_step(job, tmp_path / "run" / "train_log.jsonl")
+        wait_for_first_step(job, run / "train_log.jsonl")
         os.killpg(job.pid, getattr(signal, name))
         stopped = finish(job)
         assert stopped.returncode == -getattr(signal, name), stopped.stderr[-5000:]  # 130 / 143 in a shell
+        assert stopped.stderr.count(f"jsarag.safety: {name}: finishing the current step, then writing a checkpoint") == 2
+        # the only traceback is the `deepspeed` runner's own KeyboardInterrupt (DeepSpeed's launcher, not jsarag)
+        assert stopped.stderr.count("Traceback") == (name == "SIGINT"), stopped.stderr[-5000:]
+        return stopped
+
+    def stopped_after(stopped: subprocess.CompletedProcess, name: str) -> int:
         if steps[-1]:
             assert f"resumed from {root / checkpoint.tag_for(steps[-1])}" in stopped.stderr
         step = stopped_at(stopped, name, root)
-        assert stopped.stderr.count(f"jsarag.safety: {name}: finishing the current step, then writing a checkpoint") == 2
         assert checkpoint.latest(root) == checkpoint.tag_for(step) and steps[-1] < step < 8, (name, steps, step)
-        # the only traceback is the `deepspeed` runner's own KeyboardInterrupt (DeepSpeed's launcher, not jsarag)
-        assert stopped.stderr.count("Traceback") == (name == "SIGINT"), stopped.stderr[-5000:]
         steps.append(step)
+        return step
+
+    assert stopped_after(whole_job("SIGINT"), "SIGINT") < 4, "the chain needs step 4's evaluation still ahead"
+
+    # rank 1 alone gets SIGTERM after the first batch of the evaluation at step 4 (this process's first evaluation)
+    env = {"JSARAG_FAULT": "eval:1", "JSARAG_FAULT_RANK": "1", "JSARAG_FAULT_SIGNAL": "SIGTERM"}
+    stopped = launch(recipe, env=env)
+    assert stopped.returncode == 143, stopped.stderr[-5000:]  # the ranks' own code, passed on by the launcher
+    assert stopped_after(stopped, "SIGTERM") == 4
+    assert json.loads((run / "metrics.json").read_text())["history"] == []  # abandoned, not recorded
+    assert not list((run / "predictions").glob("*step0000004*"))
+
+    stopped_after(whole_job("SIGTERM"), "SIGTERM")  # its first record is step 4's evaluation, redone
 
     resumed = launch(recipe)
     assert succeeded(resumed)
     assert f"resumed from {root / checkpoint.tag_for(steps[-1])}" in resumed.stderr
-    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
-
-
-@pytest.mark.launcher
-def test_sigterm_to_one_rank_mid_evaluation_stops_both_and_resumes_to_the_uninterrupted_result(jsa_reference,
-                                                                                               tiny_data, tmp_path):
-    recipe = write_recipe(tiny_data, tmp_path, JSA_ZERO2)
-    # rank 1 alone gets SIGTERM after the first batch of the evaluation at step 4
-    env = {"JSARAG_FAULT": "eval:1", "JSARAG_FAULT_RANK": "1", "JSARAG_FAULT_SIGNAL": "SIGTERM"}
-    stopped = launch(recipe, env=env)
-    root = tmp_path / "run" / "checkpoints"
-    assert stopped.returncode == 143, stopped.stderr[-5000:]  # the ranks' own code, passed on by the launcher
-    assert stopped_at(stopped, "SIGTERM", root) == 4 and checkpoint.latest(root) == "step-0000004"
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == []  # abandoned, not recorded
-    assert not list((tmp_path / "run" / "predictions").glob("*step0000004*"))
-
-    resumed = launch(recipe)  # the evaluation at step 4 is redone, then steps 5-8
-    assert succeeded(resumed)
-    assert_same_run(jsa_reference.output_dir, tmp_path / "run", 8)
+    assert_same_run(jsa_reference.output_dir, run, 8)
 
 
 # -- write errors while checkpointing ---------------------------------------------------------------------------------
