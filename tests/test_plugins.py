@@ -278,6 +278,18 @@ def test_the_readme_example_is_the_example_plugin():
             assert line.rstrip() in source, f"README line not in the example plugin: {line!r}"
 
 
+def test_jsarag_plugins_lists_the_built_in_components_with_their_package():
+    """Run in this process before the module's fixture installs the example plugin: the example-plugin tests below
+    then meet what a worker that ran other commands first meets, and pass only if each command loads entry points
+    afresh (a console-script process does; a manager cached from this command would not list the plugin)."""
+    from conftest import run_cli
+
+    listing = run_cli("plugins").stdout
+    for kind, name in [("retrievers", "dense"), ("estimators", "jsa"), ("generators", "causal_lm")]:
+        assert re.search(rf"^{kind}:\n(  .*\n)*?  {name} .*\(plugin \w+, package jsarag\)$", listing, re.M), (kind, name)
+    assert "hashing" not in listing
+
+
 @pytest.fixture(scope="module")
 def third_party_plugin():
     """pip-install the example plugin package into this environment, as a user would; uninstall after."""
