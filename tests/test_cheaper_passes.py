@@ -218,3 +218,20 @@ def _params(run) -> list[torch.nn.Parameter]:
 def _batch_and_candidates(run) -> tuple[Batch, Candidates]:
     batch = Batch(examples=list(run.train_set[:2]), positions=[0, 1])
     return batch, run.retrieve(batch)
+
+
+def test_a_dropped_generator_is_freed_with_its_token_caches(tiny_recipe, tmp_path):
+    """The token caches that spare re-tokenising passages and questions belong to one generator: once it is dropped,
+    it and its model are freed. A cache on the class would keep every generator a process built alive (each run of
+    `jsarag.cli.run` in a notebook or a test process, each estimator a bench builds)."""
+    import gc
+    import weakref
+
+    generator = _generator(tiny_recipe, tmp_path)
+    batch, candidates = _inputs(generator)
+    generator.score(batch, candidates, ScoreRequest.all_slots(candidates, grad=False))  # fills both caches
+    assert generator.prompt_ids(batch, 0, 3) == generator.prompt_ids(batch, 0, 3)
+    model = weakref.ref(generator.model)
+    del generator
+    gc.collect()
+    assert model() is None, [type(r).__name__ for r in gc.get_referrers(model())]

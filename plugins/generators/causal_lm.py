@@ -180,6 +180,10 @@ class CausalLM(Truncations, Generator):
         # KB rows, and hashes of questions and answer texts
         self.truncated: dict[str, set[int]] = {"passages": set(), "questions": set(), "answers": set()}
         self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (cost studies)
+        # token caches of this generator's own: an lru_cache on the methods would be one per class, holding every
+        # generator (and its model) that the process ever built
+        self._question_length = functools.lru_cache(maxsize=65536)(self._question_length)
+        self._row_ids = functools.lru_cache(maxsize=65536)(self._row_ids)
 
     def tokens(self) -> tuple[int, int]:
         return self.tokens_scored, self.tokens_with_grad
@@ -274,14 +278,12 @@ class CausalLM(Truncations, Generator):
             self.truncated["passages"].add(row)
         return ids[:budget]
 
-    @functools.lru_cache(maxsize=65536)
     def _question_length(self, question: str) -> int:
-        """Tokens of the prompt's suffix with the question and no history."""
+        """Tokens of the prompt's suffix with the question and no history (cached per generator in __init__)."""
         return len(self._ids(self.suffix.format(history="", question=question)))
 
-    @functools.lru_cache(maxsize=65536)
     def _row_ids(self, row: int) -> list[int]:
-        """A passage's token ids, in full."""
+        """A passage's token ids, in full (cached per generator in __init__)."""
         return self._ids(self.ctx.kb.render(row))
 
     @functools.cached_property
