@@ -4,7 +4,7 @@ and the growth between the second and the last quarter of the steps (also writte
 
     python tests/load_memory.py --steps 20000 --checkpoint-every 500 --output-dir /tmp/jsarag-load
 
-tests/test_load.py runs the same measurement for a few thousand steps in CI.
+tests/test_load.py runs the same measurement for 1,500 steps in CI.
 """
 from __future__ import annotations
 

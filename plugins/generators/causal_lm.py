@@ -181,7 +181,8 @@ class CausalLM(Truncations, Generator):
         self.truncated: dict[str, set[int]] = {"passages": set(), "questions": set(), "answers": set()}
         self.tokens_scored = self.tokens_with_grad = 0  # padded tokens in scoring forwards (cost studies)
         # token caches of this generator's own: an lru_cache on the methods would be one per class, holding every
-        # generator (and its model) that the process ever built
+        # generator (and its model) that the process ever built; these hold only this one (a cycle: freed by the
+        # garbage collector once the generator is dropped)
         self._question_length = functools.lru_cache(maxsize=65536)(self._question_length)
         self._row_ids = functools.lru_cache(maxsize=65536)(self._row_ids)
 
